@@ -1,0 +1,244 @@
+"""Vision Transformer used as the DeFusion++ encoder H and as the frozen ViT-B teacher H_fix.
+
+One class serves both roles (design card): patch 16, cls token, pre-norm blocks with exact GELU,
+configurable LayerNorm epsilon, per-block head counts (TinyMIM's ViT-T uses 6 heads and 12 in its
+last block) and either a fixed 2-D sin-cos position table recomputed for any h x w grid (MAE,
+TinyMIM) or a learned table resampled to the grid (timm).
+
+Parameter names mirror the PyTorch modules (`patch_embed/proj`, `blocks_3/attn/qkv`, ...) so that a
+state dict converts by a generic rule (see `defusion_jax.convert`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# width, depth, heads, mlp width.  'Ti-mim' is TinyMIM's ViT-T (6 heads, 12 in the last block),
+# 'Ti' is timm's ViT-T (3 heads).
+VARIANTS = {
+    "Ti": dict(width=192, depth=12, heads=3, mlp_dim=768),
+    "Ti-mim": dict(width=192, depth=12, heads=(6,) * 11 + (12,), mlp_dim=768),
+    "S": dict(width=384, depth=12, heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, heads=16, mlp_dim=4096),
+}
+
+
+def decode_variant(name: str) -> dict:
+    """'B', 'B/16', 'Ti-mim' -> ViT keyword arguments (patch 16 only)."""
+    base, _, patch = name.partition("/")
+    if patch and patch != "16":
+        raise ValueError(f"only patch 16 is supported, got variant {name!r}")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown ViT variant {name!r}; known: {sorted(VARIANTS)}")
+    return dict(VARIANTS[base])
+
+
+def normalize_imagenet(x: jax.Array) -> jax.Array:
+    """[0,1] RGB -> ImageNet-normalised, as torchvision's `normalize` in the official forward."""
+    mean = jnp.asarray(IMAGENET_MEAN, x.dtype)
+    std = jnp.asarray(IMAGENET_STD, x.dtype)
+    return (x - mean) / std
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def sincos_table(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> np.ndarray:
+    """Fixed 2-D sin-cos position table (MAE's `get_2d_sincos_pos_embed`) for any h x w grid.
+
+    The first dim/2 channels encode the column index and the second dim/2 the row index (MAE calls
+    the first half `emb_h` but feeds it `meshgrid(w, h)[0]`, i.e. columns); tokens are row-major.
+    Returns float32 (1 + h*w, dim) with a zero cls row, or (h*w, dim).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos table needs a width divisible by 4, got {dim}")
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+    emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    table = emb.astype(np.float32)
+    table.setflags(write=False)
+    return table
+
+
+def resample_table(table: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> jax.Array:
+    """Bicubic resampling of a learned (1 + h*w, D) position table to a new grid (cls row kept)."""
+    if tuple(old_hw) == tuple(new_hw):
+        return table
+    cls, grid = table[:1], table[1:]
+    grid = grid.reshape(*old_hw, -1)
+    grid = jax.image.resize(grid, (*new_hw, grid.shape[-1]), method="cubic")
+    return jnp.concatenate([cls, grid.reshape(-1, grid.shape[-1])], axis=0)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module | None = None,
+              deterministic: bool = True) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over (B, L, H, Dh) arrays.
+
+    Without attention-probability dropout (the case for every module here) this goes through
+    `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPUs where shapes allow.
+    """
+    if dropout is None or deterministic:
+        return jax.nn.dot_product_attention(q, k, v)
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    probs = dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Attention(nn.Module):
+    """timm/MAE self-attention with a fused qkv projection laid out (3, heads, head_dim)."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, d = x.shape
+        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        h = nn.gelu(h, approximate=False)  # torch nn.GELU is the exact erf form
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + DropPath(Attn(LN(x))); x + DropPath(MLP(LN(x)))."""
+
+    num_heads: int
+    mlp_dim: int
+    eps: float = 1e-6
+    drop_path: float = 0.0
+    dtype: Any = jnp.float32
+
+    def _drop_path(self, y, deterministic):
+        if deterministic or self.drop_path == 0.0:
+            return y
+        keep = 1.0 - self.drop_path
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+        return y * mask.astype(y.dtype) / keep
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
+        x = x + self._drop_path(Attention(self.num_heads, dtype=self.dtype, name="attn")(y), deterministic)
+        y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm2")(x)
+        return x + self._drop_path(Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y), deterministic)
+
+
+class PatchEmbed(nn.Module):
+    """16x16 stride-16 convolution (named like timm's `patch_embed.proj`)."""
+
+    width: int
+    patch: int = 16
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding="VALID",
+                       dtype=self.dtype, name="proj")(x)
+
+
+def as_heads(heads: int | Sequence[int], depth: int) -> tuple[int, ...]:
+    heads = (heads,) * depth if isinstance(heads, int) else tuple(heads)
+    if len(heads) != depth:
+        raise ValueError(f"{len(heads)} head counts for {depth} blocks")
+    return heads
+
+
+class ViT(nn.Module):
+    """ViT over NHWC images in [0,1] (ImageNet normalisation inside unless `normalize=False`).
+
+    Returns a dict: `tokens` (B, 1 + h*w, D) after the final LayerNorm (timm's
+    `forward_features`), and, with `return_all=True`, `all` = the list of depth + 1 token arrays
+    [embedding(+pos, +cls), block 1, ..., block depth] without the final LayerNorm (what TinyMIM's
+    forward returns and DeFusion++ consumes).
+    """
+
+    width: int = 192
+    depth: int = 12
+    heads: int | Sequence[int] = 3
+    mlp_dim: int = 768
+    patch: int = 16
+    eps: float = 1e-6
+    drop_path: float | Sequence[float] = 0.0
+    posemb: str = "sincos"  # 'sincos' (fixed, any grid) or 'learned' (param, resampled)
+    posemb_grid: tuple[int, int] = (14, 14)  # grid the learned table was trained on
+    normalize: bool = True
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    def position_table(self, gh: int, gw: int) -> jax.Array:
+        if self.posemb == "sincos":
+            return jnp.asarray(sincos_table(self.width, gh, gw))
+        if self.posemb == "learned":
+            n = 1 + self.posemb_grid[0] * self.posemb_grid[1]
+            table = self.param("pos_embed", nn.initializers.normal(0.02), (1, n, self.width))[0]
+            return resample_table(table, self.posemb_grid, (gh, gw))
+        raise ValueError(f"posemb must be 'sincos' or 'learned', got {self.posemb!r}")
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool = True, return_all: bool = False):
+        b, h, w, _ = x.shape
+        if h % self.patch or w % self.patch:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch}")
+        if self.normalize:
+            x = normalize_imagenet(x)
+        x = PatchEmbed(self.width, self.patch, self.dtype, name="patch_embed")(x)
+        gh, gw = h // self.patch, w // self.patch
+        pos = self.position_table(gh, gw).astype(x.dtype)
+        x = x.reshape(b, gh * gw, self.width) + pos[1:]
+        cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
+        cls = jnp.broadcast_to(cls.astype(x.dtype) + pos[:1], (b, 1, self.width))
+        x = jnp.concatenate([cls, x], axis=1)
+
+        heads = as_heads(self.heads, self.depth)
+        drops = ((self.drop_path,) * self.depth if isinstance(self.drop_path, (int, float))
+                 else tuple(self.drop_path))
+        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        outs = [x]
+        for i in range(self.depth):
+            x = block_cls(heads[i], self.mlp_dim, self.eps, drops[i], self.dtype,
+                          name=f"blocks_{i}")(x, deterministic)
+            outs.append(x)
+        result = {"tokens": nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm")(x)}
+        if return_all:
+            result["all"] = outs
+        return result
+
+
+def vit_from_config(cfg: dict) -> ViT:
+    """Build a ViT from `{'variant': 'B', ...overrides}`."""
+    cfg = dict(cfg)
+    kwargs = decode_variant(cfg.pop("variant")) if "variant" in cfg else {}
+    kwargs.update(cfg)
+    if "posemb_grid" in kwargs:
+        kwargs["posemb_grid"] = tuple(kwargs["posemb_grid"])
+    if isinstance(kwargs.get("heads"), list):
+        kwargs["heads"] = tuple(kwargs["heads"])
+    return ViT(**kwargs)
