@@ -7,7 +7,7 @@ the published numbers bit for bit.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import ndimage
 
 EPS = np.finfo(np.float64).eps  # MATLAB `eps`
 
@@ -49,7 +49,9 @@ def filter2_same(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """MATLAB `filter2(w, x, 'same')`: correlation with zero padding (odd-sized kernels)."""
     if w.size > 49:
         # Large kernels (Qcb's 31x31 Gaussians): FFT is far faster; the kernel is flipped to turn
-        # convolution into correlation. Works for complex x too.
+        # convolution into correlation. Works for complex x too. (scipy.signal is slow to import.)
+        from scipy import signal
+
         return signal.fftconvolve(x, w[::-1, ::-1], mode="same")
     if np.iscomplexobj(x):
         return filter2_same(w, x.real) + 1j * filter2_same(w, x.imag)

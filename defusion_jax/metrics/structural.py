@@ -5,6 +5,8 @@ Inputs are float64 planes on [0,255] unless stated otherwise.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from scipy import ndimage
 
@@ -55,23 +57,27 @@ def ssim_sources(a, b, f, variant: str = "default") -> float:
 
 
 # --------------------------------------------------------------------------- MEF-SSIM
-def mef_ssim_single(seq: np.ndarray, f: np.ndarray, k: float = 0.03) -> float:
-    """Ma et al.'s single-scale MEF-SSIM (`mef_ssim.m`, 11x11 patches, Gaussian sigma 1.5, C=(0.03*255)^2), vectorised."""
-    seq = np.asarray(seq, dtype=np.float64)  # (K, H, W)
-    f = np.asarray(f, dtype=np.float64)
+_MEF_CACHE: dict = {}
+
+
+def _mef_source_terms(seq: np.ndarray) -> dict:
+    """Everything of single-scale MEF-SSIM that depends on the sources only (cached: several methods share sources)."""
+    key = (seq.shape, hashlib.blake2b(seq.tobytes(), digest_size=16).digest())
+    if key in _MEF_CACHE:
+        return _MEF_CACHE[key]
     nk = seq.shape[0]
     w = 11
     n = float(w * w)
     # Patch statistics with the square (uniform) window.
     mu = np.stack([box_filter_valid(x, w) for x in seq])
-    ex2 = np.stack([box_filter_valid(x * x, w) for x in seq])
-    sig2 = ex2 - mu * mu
+    box_xx = {(i, j): box_filter_valid(seq[i] * seq[j], w) for i in range(nk) for j in range(i, nk)}
+    sig2 = np.stack([box_xx[(i, i)] - mu[i] * mu[i] for i in range(nk)])
     ed = np.sqrt(np.maximum(n * sig2, 0.0)) + 0.001
-    # ||x_k - mu_k|| without the +0.001, and || S - mean(S) || for S = sum_k x_k.
+    # Structure consistency: ||S - mean(S)|| / sum_k ||x_k - mu_k||, S = sum_k x_k (no +0.001 here).
     denom = np.sqrt(np.maximum(n * sig2, 0.0)).sum(0)
-    s = seq.sum(0)
-    ms = box_filter_valid(s, w)
-    num = np.sqrt(np.maximum(n * (box_filter_valid(s * s, w) - ms * ms), 0.0))
+    s_mu = mu.sum(0)
+    s_sq = sum(box_xx[(min(i, j), max(i, j))] for i in range(nk) for j in range(nk))
+    num = np.sqrt(np.maximum(n * (s_sq - s_mu * s_mu), 0.0))
     r = (num + EPS) / (denom + EPS)
     r = np.where(r > 1, 1 - EPS, r)
     r = np.where(r < 0, EPS, r)
@@ -79,35 +85,46 @@ def mef_ssim_single(seq: np.ndarray, f: np.ndarray, k: float = 0.03) -> float:
     wmap = (ed / w) ** p[None] + EPS
     wmap = wmap / wmap.sum(0, keepdims=True)
     max_ed = ed.max(0)
-    # Desired structure r = sum_k c_k (x_k - mu_k) with c_k = w_k / ed_k, rescaled to norm max_ed.
+    # Desired structure r = sum_k c_k (x_k - mu_k), c_k = w_k / ed_k, rescaled to norm max_ed:
+    # ||r||^2 = n * sum_{k,l} c_k c_l cov_box(x_k, x_l).
     c = wmap / ed
-    # ||r||^2 = n * sum_{k,l} c_k c_l cov_box(x_k, x_l)
     rnorm2 = np.zeros_like(max_ed)
     for i in range(nk):
         for j in range(nk):
-            cov = box_filter_valid(seq[i] * seq[j], w) - mu[i] * mu[j]
-            rnorm2 += c[i] * c[j] * cov
+            rnorm2 += c[i] * c[j] * (box_xx[(min(i, j), max(i, j))] - mu[i] * mu[j])
     rnorm = np.sqrt(np.maximum(n * rnorm2, 0.0))
     scale = np.where(rnorm > 0, max_ed / np.where(rnorm > 0, rnorm, 1.0), 1.0)
     a = c * scale[None]  # r = sum_k a_k (x_k - mu_k)
-    g = _G11
-    gx = np.stack([sep_filter_valid(x, g) for x in seq])
-    gf = sep_filter_valid(f, g)
+    # Gaussian-weighted moments of r.
+    gx = np.stack([sep_filter_valid(x, _G11) for x in seq])
     mu_r = (a * (gx - mu)).sum(0)
-    mu_f = gf
     er2 = np.zeros_like(mu_r)
     for i in range(nk):
-        for j in range(nk):
-            gxx = sep_filter_valid(seq[i] * seq[j], g)
-            er2 += a[i] * a[j] * (gxx - mu[i] * gx[j] - mu[j] * gx[i] + mu[i] * mu[j])
+        for j in range(i, nk):
+            gxx = sep_filter_valid(seq[i] * seq[j], _G11)
+            t = a[i] * a[j] * (gxx - mu[i] * gx[j] - mu[j] * gx[i] + mu[i] * mu[j])
+            er2 += t if i == j else 2 * t
+    terms = {"mu": mu, "a": a, "mu_r": mu_r, "sig_r": er2 - mu_r * mu_r}
+    if len(_MEF_CACHE) >= 8:
+        _MEF_CACHE.pop(next(iter(_MEF_CACHE)))
+    _MEF_CACHE[key] = terms
+    return terms
+
+
+def mef_ssim_single(seq: np.ndarray, f: np.ndarray, k: float = 0.03) -> float:
+    """Ma et al.'s single-scale MEF-SSIM (`mef_ssim.m`, 11x11 patches, Gaussian sigma 1.5, C=(0.03*255)^2), vectorised."""
+    seq = np.ascontiguousarray(seq, dtype=np.float64)  # (K, H, W)
+    f = np.asarray(f, dtype=np.float64)
+    t = _mef_source_terms(seq)
+    mu, a, mu_r = t["mu"], t["a"], t["mu_r"]
+    gf = sep_filter_valid(f, _G11)
     erf = np.zeros_like(mu_r)
-    for i in range(nk):
-        erf += a[i] * (sep_filter_valid(seq[i] * f, g) - mu[i] * gf)
-    sig_r = er2 - mu_r * mu_r
-    sig_f = sep_filter_valid(f * f, g) - mu_f * mu_f
-    sig_rf = erf - mu_r * mu_f
+    for i in range(seq.shape[0]):
+        erf += a[i] * (sep_filter_valid(seq[i] * f, _G11) - mu[i] * gf)
+    sig_f = sep_filter_valid(f * f, _G11) - gf * gf
+    sig_rf = erf - mu_r * gf
     cc = (k * 255.0) ** 2
-    q = (2 * sig_rf + cc) / (sig_r + sig_f + cc)
+    q = (2 * sig_rf + cc) / (t["sig_r"] + sig_f + cc)
     return float(q.mean())
 
 

@@ -1,0 +1,79 @@
+"""Property tests: ideal values on identical inputs, symmetry in the two sources, colour conventions."""
+import math
+
+import numpy as np
+import pytest
+
+from defusion_jax.metrics import METRICS, parse_metric, resolve, rgb2gray, score
+from defusion_jax.metrics.color import channel_triplets
+
+RNG = np.random.default_rng(0)
+
+
+def _smooth_image(h=48, w=56, seed=0):
+    rng = np.random.default_rng(seed)
+    from scipy import ndimage
+
+    x = ndimage.gaussian_filter(rng.uniform(0, 255, (h, w, 3)), (2, 2, 0))
+    x = (x - x.min()) / (x.max() - x.min()) * 255
+    return np.round(x).astype(np.uint8)
+
+
+A, B = _smooth_image(seed=1), _smooth_image(seed=2)
+F = ((A.astype(int) + B) // 2).astype(np.uint8)
+FUSION = [n for n, m in METRICS.items() if m.kind in ("fusion", "gray")]
+IDEAL = {  # metric spec -> value when A = B = F
+    "Nabf": 0.0, "SSIM": 2.0, "SSIM:mean": 1.0, "SSIM:skimage": 2.0, "Ssim": 2.0, "CC": 1.0, "MEF_SSIM": 1.0,
+    "MEF_SSIM:single": 1.0, "PSNR": math.inf, "Psnr": math.inf, "MSE": 0.0, "Rmse": 0.0, "Cross_entropy": 0.0,
+    "VIF": 2.0, "Qcb": 1.0, "Qcv": 0.0,
+}
+
+
+@pytest.mark.parametrize("spec", sorted(IDEAL))
+def test_identical_inputs_give_ideal_value(spec):
+    got = score(A, A, A, [spec])[spec]
+    assert got == pytest.approx(IDEAL[spec], abs=1e-9)
+
+
+def test_identical_inputs_gt_metrics_ideal():
+    got = score(A, B, A, ["PSNR_gt", "SSIM_gt"], gt=A)
+    assert got["PSNR_gt"] == math.inf and got["SSIM_gt"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_symmetric_in_sources(name):
+    specs = [name if v == "default" else f"{name}:{v}" for v in METRICS[name].variants]
+    for color in ("gray", "per-channel"):
+        ab = score(A, B, F, specs, color=color)
+        ba = score(B, A, F, specs, color=color)
+        for s in specs:
+            assert ab[s] == pytest.approx(ba[s], rel=1e-9, abs=1e-12), (s, color)
+
+
+def test_matlab_rgb2gray_rounds():
+    px = np.array([[[10, 200, 30]]], np.uint8)
+    y = 0.298936021293776 * 10 + 0.587043074451121 * 200 + 0.114020904254103 * 30
+    assert rgb2gray(px)[0, 0] == round(y) and rgb2gray(px)[0, 0] != y
+
+
+def test_per_channel_reuses_grey_source():
+    grey = A[..., 0]
+    planes = channel_triplets(A, grey, F, "per-channel")
+    assert len(planes) == 3 and all(np.array_equal(p[1], grey) for p in planes)
+    assert len(channel_triplets(A, grey, F[..., 0], "per-channel")) == 1  # grey F: grey everywhere
+
+
+def test_sets_and_variants_resolve():
+    assert resolve(["vifb"], "ivf")[0] == "Avg_gradient" and len(resolve(["vifb"], "ivf")) == 13
+    assert resolve(["ivf"], "ivf") == ["EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "CC", "PSNR", "MSE"]
+    assert "MEF_SSIM" in resolve(["paper"], "mef")
+    assert parse_metric("PSNR:tang")[1] == "tang"
+    with pytest.raises(ValueError, match="variants"):
+        parse_metric("CC:nope")
+    with pytest.raises(ValueError, match="unknown metric"):
+        parse_metric("QQ")
+
+
+def test_every_metric_documents_its_convention():
+    for name, m in METRICS.items():
+        assert m.convention and len(m.convention) > 20, name
