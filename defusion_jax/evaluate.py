@@ -171,12 +171,15 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
     return root
 
 
-def clip_scores(weights: str, rows_by_method: dict, items, methods, out: Path, multi: bool) -> list[dict]:
+def clip_scores(weights: str, items, methods, out: Path, multi: bool) -> list[dict]:
     from defusion_jax.metrics.clipiqa import ClipIQA
     from defusion_jax.metrics.io import _read_image
     from defusion_jax.metrics import _rgb01
 
-    scorer = ClipIQA(weights)
+    try:
+        scorer = ClipIQA(weights)
+    except Exception as exc:  # noqa: BLE001 - missing package or unreadable weights: a user-facing problem
+        raise UsageError(f"CLIPIQA: cannot load {weights}: {exc}")
     rows = []
     for it in items:
         for m in methods:
@@ -196,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--task", required=True, choices=sorted(ROLES))
     p.add_argument("--pairs", required=True, type=Path, help="dataset folder, folder of datasets, or data root")
-    p.add_argument("--fused", action="append", default=[], metavar="NAME=DIR",
-                   help="a method's fused images (repeatable); a bare NAME is a baseline")
-    p.add_argument("--baseline", action="append", default=[], metavar="NAME",
+    # Both options feed one list so methods keep their command-line order in tables and grids.
+    p.add_argument("--fused", dest="methods", action="append", default=[], metavar="NAME=DIR",
+                   type=lambda s: ("fused", s), help="a method's fused images (repeatable); a bare NAME is a baseline")
+    p.add_argument("--baseline", dest="methods", action="append", metavar="NAME", type=lambda s: ("baseline", s),
                    help=f"classical baseline fused on the fly (repeatable): {', '.join(BASELINES)}")
     p.add_argument("--model", help="DeFusion++ checkpoint to fuse with on the fly (method name DeFusion++)")
     p.add_argument("--gt", type=Path, help="ground-truth folder (by stem; default: a GT/ folder in the dataset)")
@@ -228,8 +232,9 @@ def run(args) -> int:
         raise UsageError(str(exc))
     if "CLIPIQA" in specs and not args.clip_weights:
         if "CLIPIQA" in requested:
-            raise UsageError("CLIPIQA needs OpenAI CLIP RN50 weights: pass --clip-weights PATH (they are not shipped "
-                             "and cannot be downloaded here)")
+            from defusion_jax.metrics.clipiqa import ABSENT
+
+            raise UsageError(ABSENT)
         specs.remove("CLIPIQA")
         notes.append("CLIPIQA not computed: no CLIP RN50 weights given (--clip-weights PATH).")
     if args.clip_weights and not Path(args.clip_weights).is_file():
@@ -247,18 +252,16 @@ def run(args) -> int:
     multi = len({it.dataset for it in items}) > 1
 
     methods: list[Method] = []
-    for spec in args.fused:
+    for opt, spec in args.methods:
         name, eq, folder = spec.partition("=")
-        if not eq:
-            args.baseline.append(spec)
-            continue
-        if not name or not Path(folder).is_dir():
-            raise UsageError(f"--fused {spec}: expected NAME=DIR with an existing folder")
-        methods.append(Method(name, "dir", folder))
-    for b in args.baseline:
-        if b not in BASELINES:
-            raise UsageError(f"unknown baseline {b!r}; choose from {', '.join(BASELINES)}")
-        methods.append(Method(b, "baseline", b))
+        if opt == "fused" and eq:
+            if not name or not Path(folder).is_dir():
+                raise UsageError(f"--fused {spec}: expected NAME=DIR with an existing folder")
+            methods.append(Method(name, "dir", folder))
+        elif spec in BASELINES:
+            methods.append(Method(spec, "baseline", spec))
+        else:
+            raise UsageError(f"unknown baseline {spec!r}; choose from {', '.join(BASELINES)} (or give --fused NAME=DIR)")
     if args.model:
         if not Path(args.model).exists():
             raise UsageError(f"--model {args.model}: no such file or folder")
@@ -290,7 +293,7 @@ def run(args) -> int:
                 bar.update()
     bar.close()
     if "CLIPIQA" in specs:
-        rows += clip_scores(args.clip_weights, {}, items, methods, args.out, multi)
+        rows += clip_scores(args.clip_weights, items, methods, args.out, multi)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if not rows:

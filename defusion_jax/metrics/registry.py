@@ -39,8 +39,10 @@ def _ssim_gt(f, gt):
 
 
 def _clipiqa(f):
-    """CLIPIQA: CLIP-IQA with OpenAI CLIP RN50 and pyiqa's three antonym prompt pairs (needs user-supplied weights)."""
-    raise RuntimeError("CLIPIQA is computed by the evaluator with loaded weights")
+    """CLIPIQA: CLIP-IQA (pyiqa convention: OpenAI CLIP RN50, three antonym prompt pairs, no resize); needs user-supplied weights."""
+    from .clipiqa import ABSENT
+
+    raise RuntimeError(ABSENT)
 
 
 def _sf_vifb(a, b, f):

@@ -1,0 +1,143 @@
+"""The evaluation command end to end on tiny generated data."""
+import csv
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defusion_jax import evaluate
+from defusion_jax.mff_synth import generate
+
+
+def _img(seed, h=64, w=72, rgb=True):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    x = ndimage.gaussian_filter(rng.uniform(0, 255, (h, w, 3)), (0.8, 0.8, 0))
+    x = np.round((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+    return x if rgb else x[..., 0]
+
+
+@pytest.fixture()
+def mff_data(tmp_path):
+    src = tmp_path / "sharp"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(_img(i)).save(src / f"im{i}.png")
+    ds = tmp_path / "mff" / "Synth"
+    generate(src, ds, seed=0, max_radius=4)
+    return tmp_path, ds
+
+
+def _read(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_mff_with_gt_baselines_and_fused_dir(mff_data, capsys):
+    root, ds = mff_data
+    out = root / "out"
+    rc = evaluate.main(["--task", "mff", "--pairs", str(ds), "--fused", f"oracle={ds / 'GT'}", "--fused", "average",
+                        "--baseline", "focus", "--metrics", "paper,CC", "--out", str(out), "--workers", "1"])
+    assert rc == 0
+    rows = _read(out / "per_image.csv")
+    assert set(rows[0]) == {"image", "method", "metric", "value"}
+    got = {(r["image"], r["method"], r["metric"]): float(r["value"]) for r in rows}
+    assert got[("im0", "oracle", "PSNR_gt")] == float("inf")
+    assert got[("im0", "oracle", "SSIM_gt")] == pytest.approx(1.0)
+    # A focus-measure rule must beat plain averaging against the all-in-focus truth.
+    for im in ("im0", "im1"):
+        assert got[(im, "focus", "PSNR_gt")] > got[(im, "average", "PSNR_gt")]
+    summary = _read(out / "summary.csv")
+    assert [r["method"] for r in summary] == ["oracle", "average", "focus"]
+    md = (out / "summary.md").read_text()
+    assert "PSNR_gt ↑" in md and "**" in md and "<u>" in md
+    assert sorted(p.name for p in (out / "compare").iterdir()) == ["im0.png", "im1.png"]
+    assert (out / "fused" / "focus" / "Synth" / "im0.png").is_file()
+    grid = Image.open(out / "compare" / "im0.png")
+    assert grid.width > 5 * 64  # A, B, GT and three methods side by side
+
+
+def test_summary_means_and_ranking(mff_data):
+    root, ds = mff_data
+    out = root / "o2"
+    assert evaluate.main(["--task", "mff", "--pairs", str(ds), "--baseline", "average", "--baseline", "maxabs",
+                          "--metrics", "MSE,SSIM", "--out", str(out), "--workers", "2", "--no-compare"]) == 0
+    rows = _read(out / "per_image.csv")
+    mean = np.mean([float(r["value"]) for r in rows if r["method"] == "average" and r["metric"] == "MSE"])
+    s = {r["method"]: r for r in _read(out / "summary.csv")}
+    assert float(s["average"]["MSE"]) == pytest.approx(mean)
+    best_mse = min(s, key=lambda m: float(s[m]["MSE"]))
+    line = next(l for l in (out / "summary.md").read_text().splitlines() if l.startswith(f"| {best_mse} |"))
+    assert line.split("|")[2].strip().startswith("**")  # lower MSE is better: bold
+    assert not (out / "compare").exists()
+
+
+def test_task_folder_with_several_datasets(tmp_path):
+    for d, n in (("D1", 1), ("D2", 1)):
+        for role, seed in (("ir", 0), ("vi", 1)):
+            (tmp_path / "ivf" / d / role).mkdir(parents=True)
+            Image.fromarray(_img(seed + n, rgb=role == "vi")).save(tmp_path / "ivf" / d / role / f"x{d}.png")
+    out = tmp_path / "out"
+    assert evaluate.main(["--task", "ivf", "--pairs", str(tmp_path), "--baseline", "laplacian", "--metrics", "vifb",
+                          "--color", "per-channel", "--out", str(out), "--workers", "1"]) == 0
+    rows = _read(out / "per_image.csv")
+    assert {r["image"] for r in rows} == {"D1/xD1", "D2/xD2"}
+    assert {r["metric"] for r in rows} == set(evaluate_vifb_names())
+    assert [r["dataset"] for r in _read(out / "summary.csv")] == ["D1", "D2", "ALL"]
+
+
+def evaluate_vifb_names():
+    from defusion_jax.metrics import SETS
+
+    return SETS["vifb"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fused", "x=/nonexistent"], "expected NAME=DIR"),
+    (["--baseline", "nope"], "unknown baseline"),
+    (["--metrics", "BOGUS"], "unknown metric"),
+    (["--metrics", "CLIPIQA", "--baseline", "average"], "CLIP RN50 weights"),
+    ([], "nothing to evaluate"),
+])
+def test_bad_input_is_one_line_exit_2(mff_data, capsys, extra, message):
+    root, ds = mff_data
+    rc = evaluate.main(["--task", "mff", "--pairs", str(ds), "--out", str(root / "bad")] + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_wrong_roles_exit_2(mff_data, capsys):
+    root, ds = mff_data
+    assert evaluate.main(["--task", "ivf", "--pairs", str(ds), "--baseline", "average", "--out", str(root / "b")]) == 2
+    assert "'ir/' and 'vi/'" in capsys.readouterr().err
+
+
+def test_model_without_network_code_is_a_clear_error(mff_data, capsys, monkeypatch):
+    root, ds = mff_data
+    monkeypatch.setitem(sys.modules, "defusion_jax.api", None)  # import fails
+    ckpt = root / "model.pth"
+    ckpt.write_bytes(b"")
+    rc = evaluate.main(["--task", "mff", "--pairs", str(ds), "--model", str(ckpt), "--out", str(root / "m")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "defusion_jax.api" in err
+
+
+def test_model_fusion_path_with_a_stub(mff_data, monkeypatch):
+    import types
+
+    root, ds = mff_data
+
+    class Stub:
+        def fuse_image(self, a, b, task):
+            assert a.ndim == 3 and a.shape[-1] == 3 and a.dtype == np.float32 and task == "mff"
+            return np.maximum(a, b)
+
+    monkeypatch.setitem(sys.modules, "defusion_jax.api", types.SimpleNamespace(load_model=lambda p: Stub()))
+    ckpt = root / "model.pth"
+    ckpt.write_bytes(b"")
+    out = root / "m"
+    assert evaluate.main(["--task", "mff", "--pairs", str(ds), "--model", str(ckpt), "--metrics", "PSNR_gt",
+                          "--out", str(out), "--workers", "1", "--no-compare"]) == 0
+    assert {r["method"] for r in _read(out / "per_image.csv")} == {"DeFusion++"}
+    assert (out / "fused" / "DeFusion++" / "Synth" / "im1.png").is_file()
