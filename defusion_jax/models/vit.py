@@ -76,6 +76,38 @@ def sincos_table(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> 
     return table
 
 
+def sincos_table_traced(dim: int, grid_h, grid_w, cls_token: bool = True) -> jax.Array:
+    """`sincos_table` built with jnp ops, for grid sizes that are symbolic (jax.export shape
+    polymorphism) rather than Python ints.
+
+    Each frequency is split into a high part with 11 mantissa bits (so `pos * hi` is exact in
+    float32 for pos < 2**13) and a small remainder, and sin/cos are recombined with the angle-sum
+    formulas: the table then matches the float64 numpy one to ~6e-8 on any grid, where a plain
+    float32 `sin(pos * omega)` is off by 3e-6 at a 53x77 grid and 5e-5 at 1000x1000.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos table needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    mant, expo = np.frexp(omega)
+    hi = np.ldexp(np.round(mant * 2**11) / 2**11, expo)
+    hi32, lo32 = jnp.asarray(hi, jnp.float32), jnp.asarray(omega - hi, jnp.float32)
+
+    def axis(n):
+        pos = jnp.arange(n, dtype=jnp.float32)[:, None]
+        a_hi, a_lo = pos * hi32, pos * lo32
+        sin = jnp.sin(a_hi) * jnp.cos(a_lo) + jnp.cos(a_hi) * jnp.sin(a_lo)
+        cos = jnp.cos(a_hi) * jnp.cos(a_lo) - jnp.sin(a_hi) * jnp.sin(a_lo)
+        return jnp.concatenate([sin, cos], axis=1)  # (n, dim/2)
+
+    half = dim // 2
+    cols = jnp.broadcast_to(axis(grid_w)[None], (grid_h, grid_w, half))
+    rows = jnp.broadcast_to(axis(grid_h)[:, None], (grid_h, grid_w, half))
+    emb = jnp.concatenate([cols, rows], axis=-1).reshape(grid_h * grid_w, dim)
+    if cls_token:
+        emb = jnp.concatenate([jnp.zeros((1, dim), jnp.float32), emb], axis=0)
+    return emb
+
+
 def resample_table(table: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> jax.Array:
     """Bicubic resampling of a learned (1 + h*w, D) position table to a new grid (cls row kept)."""
     if tuple(old_hw) == tuple(new_hw):
@@ -195,7 +227,9 @@ class ViT(nn.Module):
 
     def position_table(self, gh: int, gw: int) -> jax.Array:
         if self.posemb == "sincos":
-            return jnp.asarray(sincos_table(self.width, gh, gw))
+            if isinstance(gh, int) and isinstance(gw, int):
+                return jnp.asarray(sincos_table(self.width, gh, gw))
+            return sincos_table_traced(self.width, gh, gw)  # symbolic sizes (jax.export)
         if self.posemb == "learned":
             n = 1 + self.posemb_grid[0] * self.posemb_grid[1]
             table = self.param("pos_embed", nn.initializers.normal(0.02), (1, n, self.width))[0]
@@ -242,3 +276,68 @@ def vit_from_config(cfg: dict) -> ViT:
     if isinstance(kwargs.get("heads"), list):
         kwargs["heads"] = tuple(kwargs["heads"])
     return ViT(**kwargs)
+
+
+# ---- frozen teacher (H_fix) --------------------------------------------------------------------
+class FeatureViT(ViT):
+    """A ViT whose call returns the token array (B, 1 + h*w, D) after the final LayerNorm, like
+    timm's `forward_features`: the interface of a frozen teacher. Same parameters as `ViT`."""
+
+    def __call__(self, x, *, deterministic: bool = True):
+        return super().__call__(x, deterministic=deterministic)["tokens"]
+
+
+def load(path, *, normalize: bool | None = False, dtype: Any = jnp.float32, **convert_kwargs):
+    """(module, params) of a ViT teacher: `module.apply({'params': params}, x)` -> tokens.
+
+    `path` is a parameter folder (`python -m defusion_jax.convert vit`, or the encoder exported by
+    MAE pretraining) or a timm/MAE `.pth`/`.safetensors` file, converted on the fly
+    (`convert_kwargs` go to `defusion_jax.convert_vit.convert_vit`).
+
+    `normalize` says what `x` is: False (default, as timm) -> NHWC ImageNet-normalised images;
+    True -> NHWC [0,1] images, normalised inside (what the trainers feed); None -> as stored in
+    the folder's model.json. Params are a plain dict of float32 numpy arrays, checked against the
+    module's parameter tree (one error listing every missing, unexpected or mis-shaped key).
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from flax import traverse_util
+
+    from defusion_jax.params_io import CheckpointError, flatten, is_params_dir, load_params
+
+    path = Path(path)
+    if is_params_dir(path):
+        params, cfg, _ = load_params(path)
+    elif path.is_file():
+        from defusion_jax.convert_vit import load_checkpoint
+
+        params, cfg, _ = load_checkpoint(path, **convert_kwargs)
+    else:
+        raise CheckpointError(f"{path}: neither a parameter folder (params.safetensors + model.json) "
+                              "nor a checkpoint file")
+    cfg = dict(cfg)
+    if normalize is not None:
+        cfg["normalize"] = bool(normalize)
+    cfg["dtype"] = dtype
+    try:
+        vit = vit_from_config(cfg)
+        module = FeatureViT(**{f.name: getattr(vit, f.name) for f in dataclasses.fields(ViT)
+                               if f.name not in ("parent", "name")})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad ViT config in model.json ({e})") from None
+    gh, gw = module.posemb_grid
+    shapes = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, gh * module.patch, gw * module.patch, 3))),
+                            jax.random.key(0))["params"]
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(shapes)).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    wrong = [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(want) & set(got)) if want[k] != got[k]]
+    if missing or unexpected or wrong:
+        def few(items):  # the message stays one readable line for a wholly wrong folder too
+            return str(items[:12])[:-1] + (f", ... {len(items) - 12} more]" if len(items) > 12 else "]")
+
+        raise CheckpointError(f"{path}: parameters do not match the ViT config in model.json: missing "
+                              f"{few(missing)}, unexpected {few(unexpected)}, wrong shapes {few(wrong)}")
+    return module, jax.tree.map(lambda v: np.asarray(v, np.float32), params)
