@@ -76,38 +76,6 @@ def sincos_table(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> 
     return table
 
 
-def sincos_table_traced(dim: int, grid_h, grid_w, cls_token: bool = True) -> jax.Array:
-    """`sincos_table` built with jnp ops, for grid sizes that are symbolic (jax.export shape
-    polymorphism) rather than Python ints.
-
-    Each frequency is split into a high part with 11 mantissa bits (so `pos * hi` is exact in
-    float32 for pos < 2**13) and a small remainder, and sin/cos are recombined with the angle-sum
-    formulas: the table then matches the float64 numpy one to ~6e-8 on any grid, where a plain
-    float32 `sin(pos * omega)` is off by 3e-6 at a 53x77 grid and 5e-5 at 1000x1000.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos table needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-    mant, expo = np.frexp(omega)
-    hi = np.ldexp(np.round(mant * 2**11) / 2**11, expo)
-    hi32, lo32 = jnp.asarray(hi, jnp.float32), jnp.asarray(omega - hi, jnp.float32)
-
-    def axis(n):
-        pos = jnp.arange(n, dtype=jnp.float32)[:, None]
-        a_hi, a_lo = pos * hi32, pos * lo32
-        sin = jnp.sin(a_hi) * jnp.cos(a_lo) + jnp.cos(a_hi) * jnp.sin(a_lo)
-        cos = jnp.cos(a_hi) * jnp.cos(a_lo) - jnp.sin(a_hi) * jnp.sin(a_lo)
-        return jnp.concatenate([sin, cos], axis=1)  # (n, dim/2)
-
-    half = dim // 2
-    cols = jnp.broadcast_to(axis(grid_w)[None], (grid_h, grid_w, half))
-    rows = jnp.broadcast_to(axis(grid_h)[:, None], (grid_h, grid_w, half))
-    emb = jnp.concatenate([cols, rows], axis=-1).reshape(grid_h * grid_w, dim)
-    if cls_token:
-        emb = jnp.concatenate([jnp.zeros((1, dim), jnp.float32), emb], axis=0)
-    return emb
-
-
 def resample_table(table: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> jax.Array:
     """Bicubic resampling of a learned (1 + h*w, D) position table to a new grid (cls row kept)."""
     if tuple(old_hw) == tuple(new_hw):
@@ -227,9 +195,7 @@ class ViT(nn.Module):
 
     def position_table(self, gh: int, gw: int) -> jax.Array:
         if self.posemb == "sincos":
-            if isinstance(gh, int) and isinstance(gw, int):
-                return jnp.asarray(sincos_table(self.width, gh, gw))
-            return sincos_table_traced(self.width, gh, gw)  # symbolic sizes (jax.export)
+            return jnp.asarray(sincos_table(self.width, gh, gw))
         if self.posemb == "learned":
             n = 1 + self.posemb_grid[0] * self.posemb_grid[1]
             table = self.param("pos_embed", nn.initializers.normal(0.02), (1, n, self.width))[0]
