@@ -76,6 +76,37 @@ def sincos_table(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> 
     return table
 
 
+# Largest grid side (in patches, i.e. 16384 px) `sincos_table_traced` serves.
+MAX_TRACED_GRID = 1024
+
+
+@functools.lru_cache(maxsize=8)
+def _sincos_axis(dim: int, n: int) -> np.ndarray:
+    return _sincos_1d(dim // 2, np.arange(n, dtype=np.float32)).astype(np.float32)
+
+
+def sincos_table_traced(dim: int, grid_h, grid_w, cls_token: bool = True) -> jax.Array:
+    """`sincos_table` for symbolic grid sizes (jax.export shape polymorphism).
+
+    Slices one float64-computed per-axis table (rows 0..MAX_TRACED_GRID-1) instead of evaluating
+    sin/cos in float32, so the values equal `sincos_table`'s bit for bit: a 1-ulp table error
+    moves the random-weight fixture network's output by ~8e-6. The sizes must be provably at
+    most MAX_TRACED_GRID (export with `constraints=("h <= 1024", ...)`), else tracing fails.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos table needs a width divisible by 4, got {dim}")
+    axis = jnp.asarray(_sincos_axis(dim, MAX_TRACED_GRID))
+    cols = jax.lax.slice_in_dim(axis, 0, grid_w)
+    rows = jax.lax.slice_in_dim(axis, 0, grid_h)
+    half = dim // 2
+    emb = jnp.concatenate([jnp.broadcast_to(cols[None], (grid_h, grid_w, half)),
+                           jnp.broadcast_to(rows[:, None], (grid_h, grid_w, half))], axis=-1)
+    emb = emb.reshape(grid_h * grid_w, dim)
+    if cls_token:
+        emb = jnp.concatenate([jnp.zeros((1, dim), emb.dtype), emb], axis=0)
+    return emb
+
+
 def resample_table(table: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> jax.Array:
     """Bicubic resampling of a learned (1 + h*w, D) position table to a new grid (cls row kept)."""
     if tuple(old_hw) == tuple(new_hw):
@@ -195,7 +226,9 @@ class ViT(nn.Module):
 
     def position_table(self, gh: int, gw: int) -> jax.Array:
         if self.posemb == "sincos":
-            return jnp.asarray(sincos_table(self.width, gh, gw))
+            if isinstance(gh, int) and isinstance(gw, int):
+                return jnp.asarray(sincos_table(self.width, gh, gw))
+            return sincos_table_traced(self.width, gh, gw)  # symbolic sizes (jax.export)
         if self.posemb == "learned":
             n = 1 + self.posemb_grid[0] * self.posemb_grid[1]
             table = self.param("pos_embed", nn.initializers.normal(0.02), (1, n, self.width))[0]
