@@ -1,0 +1,347 @@
+"""Fuse image pairs: `python -m defusion_jax.fuse --model PATH --task {ivf,mef,mff} --a A --b B --out OUT`.
+
+A and B are two image files, or two folders whose files are paired by name stem (unmatched
+names are listed, never guessed). PATH is a training workdir, a checkpoint, a parameter folder,
+an official PyTorch checkpoint (.pth/.safetensors) or a folder written by
+`python -m defusion_jax.export`. Any size (reflect padding as the official test, tiles for very
+large images), PNG/JPEG/BMP/TIFF/.npy, 8- or 16-bit. Existing outputs are kept unless
+--overwrite, and every file is written under a temporary name and renamed, so an interrupted
+run leaves only complete files and a rerun continues where it stopped. See docs/fusion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from defusion_jax import imageio, inference
+
+FORMATS = ("png", "tif", "jpg", "bmp", "npy")
+
+
+class InputError(ValueError):
+    """Bad input the user can fix; reported as one line, exit code 2."""
+
+
+@dataclass
+class Pair:
+    name: str
+    a: Path
+    b: Path
+    out: Path | None = None  # the fused image's path
+
+
+@dataclass
+class Summary:
+    fused: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason): outputs exist
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (name, reason): bad input
+    seconds: float = 0.0
+
+
+# ---- arguments -------------------------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """'8G', '512M', '1.5GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8G, 512M)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m defusion_jax.fuse", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="workdir, checkpoint, parameter folder, official .pth/.safetensors, or export folder")
+    ap.add_argument("--task", required=True, choices=inference.TASKS,
+                    help="ivf: infrared (a) + visible (b); mef: under (a) + over (b) exposed; mff: near + far focus")
+    ap.add_argument("--a", required=True, help="first image, or folder of them")
+    ap.add_argument("--b", required=True, help="second image, or folder of them")
+    ap.add_argument("--out", required=True, help="output file (single pair; suffix picks the format) or folder")
+    ap.add_argument("--color", nargs="?", const="auto", choices=("auto", "a", "b"),
+                    help="IVF only: colour output, Y from the fused image and CbCr from the visible image "
+                         "(auto: the more colourful input; default: grey output as the official protocol)")
+    ap.add_argument("--format", choices=FORMATS, help="output format in folder mode (default: png; "
+                                                      "tif for TIFF inputs; npy for .npy inputs)")
+    ap.add_argument("--bit-depth", default="keep", choices=("keep", "8", "16", "32"),
+                    help="output sample depth (default keep: that of the deeper input; 32 = float)")
+    ap.add_argument("--save-decomposition", action="store_true",
+                    help="also write the common and unique images and their heat-map overlays")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    ap.add_argument("--direction", default="q_view2", choices=("q_view2", "q_view1"),
+                    help="common-feature direction (checkpoints only; default q_view2)")
+    ap.add_argument("--bucket", type=int, default=0, metavar="N",
+                    help="pad each canvas further up to a multiple of N (e.g. 64, 128) so mixed sizes share "
+                         "compiled functions; changes the output slightly (docs/fusion.md); default 0 = exact")
+    lim = ap.add_mutually_exclusive_group()
+    lim.add_argument("--memory-limit", type=parse_size, metavar="SIZE",
+                     help="memory one pass may use, e.g. 4G; larger images are tiled (default: 80%% of "
+                          "accelerator memory, or half the RAM on CPU)")
+    lim.add_argument("--max-pixels", type=int, metavar="N", help="largest canvas (pixels) one pass may take")
+    ap.add_argument("--overlap", type=int, default=inference.DEFAULT_OVERLAP,
+                    help=f"tile overlap in pixels (default {inference.DEFAULT_OVERLAP})")
+    ap.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
+                    help="matmul precision on accelerators (default highest)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    return ap
+
+
+# ---- model -----------------------------------------------------------------------------------
+def load_runner(path: str, direction: str = "q_view2", precision: str = "highest"):
+    """A runner for any model form; raises InputError with one line."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"model not found: {path}")
+    try:
+        from defusion_jax import exported
+
+        if p.is_dir() and exported.is_export_dir(p):
+            return inference.ExportedRunner(exported.load(p))
+        from defusion_jax.api import load_model
+
+        return inference.ModelRunner(load_model(p), direction, precision)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"cannot load model {path}: {msg}") from None
+
+
+# ---- pairs -----------------------------------------------------------------------------------
+def _images_by_stem(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and imageio.is_image_file(p):
+            by_stem.setdefault(p.stem, []).append(p)
+    unique = {s: ps[0] for s, ps in by_stem.items() if len(ps) == 1}
+    dup = [f"{s} ({', '.join(p.name for p in ps)})" for s, ps in by_stem.items() if len(ps) > 1]
+    return unique, dup
+
+
+def match_folders(a: Path, b: Path) -> tuple[list[Pair], list[tuple[str, str]]]:
+    """Pairs by file stem, and (name, reason) for every file that is not paired."""
+    if not any(imageio.is_image_file(p) for p in a.iterdir()):
+        raise InputError(f"no images in {a} (looked for {', '.join(imageio.IMAGE_SUFFIXES)})")
+    if not any(imageio.is_image_file(p) for p in b.iterdir()):
+        raise InputError(f"no images in {b} (looked for {', '.join(imageio.IMAGE_SUFFIXES)})")
+    ia, dup_a = _images_by_stem(a)
+    ib, dup_b = _images_by_stem(b)
+    pairs = [Pair(s, ia[s], ib[s]) for s in sorted(set(ia) & set(ib))]
+    unmatched = [(s, f"only in {a}") for s in sorted(set(ia) - set(ib))]
+    unmatched += [(s, f"only in {b}") for s in sorted(set(ib) - set(ia))]
+    unmatched += [(d, f"several files with this stem in {a}") for d in dup_a]
+    unmatched += [(d, f"several files with this stem in {b}") for d in dup_b]
+    if not pairs:
+        raise InputError(f"no file stem in {a} matches one in {b} (e.g. {a}/NAME.png with {b}/NAME.jpg)")
+    return pairs, unmatched
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+def _default_format(a: Path) -> str:
+    s = a.suffix.lower()
+    return "npy" if s == ".npy" else "tif" if s in imageio.TIFF_SUFFIXES else "png"
+
+
+def output_paths(fused: Path, parts: bool) -> dict[str, Path]:
+    """Every file one pair writes: 'fused', plus the decomposition images and their overlays."""
+    out = {"fused": fused}
+    if parts:
+        names = {"common": "common", "unique1": "unique_a", "unique2": "unique_b"}
+        for k, n in names.items():
+            out[k] = fused.with_name(f"{fused.stem}_{n}{fused.suffix}")
+            out[f"heat_{k}"] = fused.with_name(f"{fused.stem}_heat_{n}.png")
+    return out
+
+
+def _depth_for(path: Path, want: int) -> tuple[int, str | None]:
+    ok = imageio.WRITE_DEPTHS[path.suffix.lower()]
+    if want in ok:
+        return want, None
+    got = max(d for d in ok if d <= want) if any(d <= want for d in ok) else min(ok)
+    return got, f"{path.suffix} holds {'/'.join(map(str, ok))}-bit samples: writing {got}-bit instead of {want}-bit"
+
+
+def fuse_one(runner, pair: Pair, args, max_pixels: int | None) -> list[str]:
+    """Fuse one pair and write its outputs; returns notes. Raises InputError for bad input."""
+    fused_path = pair.out
+    try:
+        ia, ib = imageio.read_image(pair.a), imageio.read_image(pair.b)
+    except imageio.ImageReadError as e:
+        raise InputError(str(e)) from None
+    if ia.size != ib.size:
+        raise InputError(f"size mismatch: {pair.a} is {ia.size[0]}x{ia.size[1]} but {pair.b} is "
+                         f"{ib.size[0]}x{ib.size[1]} (HxW); the two images of a pair must be the same size")
+    notes = [f"{p.name}: {n}" for p, im in ((pair.a, ia), (pair.b, ib)) for n in im.notes]
+    parts = args.save_decomposition
+    res = inference.fuse_arrays(runner, ia.pixels, ib.pixels, args.task, parts=parts, bucket=args.bucket,
+                                max_pixels=max_pixels, overlap=args.overlap)
+    if res.tiles > 1:
+        notes.append(f"{pair.name}: {res.tiles} tiles of {res.canvas[0]}x{res.canvas[1]}")
+    fused = np.clip(res.fused, 0.0, 1.0)
+    if args.color:
+        src = args.color
+        if src == "auto":
+            src = "a" if inference.chroma_energy(ia.pixels) > inference.chroma_energy(ib.pixels) else "b"
+        visible = (ia if src == "a" else ib).pixels
+        if inference.chroma_energy(visible) == 0.0:
+            notes.append(f"{pair.name}: --color: the visible image ({src}) is grey, so the output is grey")
+        fused = inference.recolor(fused, visible)
+    want = max(ia.bit_depth, ib.bit_depth) if args.bit_depth == "keep" else int(args.bit_depth)
+    depth, note = _depth_for(fused_path, want)
+    if note:
+        notes.append(f"{pair.name}: {note}")
+    paths = output_paths(fused_path, parts)
+    if parts:
+        for k in inference.PARTS:  # raw in .npy, clipped in image files
+            v = res.parts[k] if fused_path.suffix.lower() == ".npy" else np.clip(res.parts[k], 0, 1)
+            imageio.write_image(paths[k], v, depth)
+        for k, v in inference.heat_maps(res.parts, ia.pixels, ib.pixels).items():
+            imageio.write_image(paths[f"heat_{k}"], v, 8)
+    imageio.write_image(fused_path, fused, depth)  # last: its presence marks the pair as done
+    return notes
+
+
+# ---- main ------------------------------------------------------------------------------------
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _plan(args) -> tuple[list[Pair], list[tuple[str, str]], Path, bool]:
+    """(pairs with their output paths, unmatched, output folder, folder mode)."""
+    a, b, out = Path(args.a), Path(args.b), Path(args.out)
+    for p in (a, b):
+        if not p.exists():
+            raise InputError(f"no such file or folder: {p}")
+    if a.is_dir() != b.is_dir():
+        raise InputError(f"--a and --b must both be files or both be folders ({a} is a "
+                         f"{'folder' if a.is_dir() else 'file'}, {b} is a {'folder' if b.is_dir() else 'file'})")
+    if a.is_dir():
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file; with folders of images it must be a folder")
+        pairs, unmatched = match_folders(a, b)
+        for p in pairs:
+            p.out = out / f"{p.name}.{args.format or _default_format(p.a)}"
+        return pairs, unmatched, out, True
+    for p in (a, b):
+        if not imageio.is_image_file(p):
+            raise InputError(f"{p}: unsupported file type {p.suffix!r} (expected one of {', '.join(imageio.IMAGE_SUFFIXES)})")
+    if out.suffix.lower() in imageio.WRITE_DEPTHS:
+        if args.format and out.suffix.lower().lstrip(".") != args.format:
+            raise InputError(f"--format {args.format} contradicts the suffix of --out {out}")
+        return [Pair(out.stem, a, b, out)], [], out.parent, False
+    if out.suffix and not out.is_dir():
+        raise InputError(f"--out {out}: cannot write {out.suffix!r} files (use one of {', '.join(imageio.WRITE_DEPTHS)})")
+    return [Pair(a.stem, a, b, out / f"{a.stem}.{args.format or _default_format(a)}")], [], out, False
+
+
+def run(args, runner=None) -> int:
+    """The CLI body; `runner` (an inference runner) replaces --model when given (tests, notebooks)."""
+    if args.bucket < 0 or args.bucket % 16:
+        return _fail(f"--bucket must be 0 or a multiple of 16, got {args.bucket}")
+    if args.overlap < 0 or args.overlap % 16:
+        return _fail(f"--overlap must be a non-negative multiple of 16, got {args.overlap}")
+    if args.color and args.task != "ivf":
+        return _fail("--color is for IVF; MEF and MFF outputs are colour already")
+    try:
+        pairs, unmatched, out_dir, folder_mode = _plan(args)
+        if runner is None:
+            runner = load_runner(args.model, args.direction, args.precision)
+    except InputError as e:
+        return _fail(str(e))
+    if args.save_decomposition and not runner.has_parts:
+        return _fail("--save-decomposition needs a checkpoint; an exported function gives the fused image only")
+    if args.max_pixels is not None:
+        max_pixels = args.max_pixels
+    else:
+        limit = args.memory_limit or inference.default_memory_limit()
+        max_pixels = inference.max_pixels_for(limit, args.save_decomposition, runner.patch)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return _fail(f"cannot create output folder {out_dir}: {e}")
+    imageio.remove_stale_temporaries(out_dir)
+
+    summary = Summary()
+    todo = []
+    for pair in pairs:
+        done = all(p.exists() for p in output_paths(pair.out, args.save_decomposition).values())
+        if done and not args.overwrite:
+            summary.skipped.append((pair.name, f"{pair.out} exists (--overwrite replaces it)"))
+        else:
+            todo.append(pair)
+
+    from tqdm import tqdm
+
+    say = (lambda m: None) if args.quiet else (lambda m: tqdm.write(m, file=sys.stderr))
+    bar = tqdm(todo, desc="fusing", unit="pair", disable=args.quiet or not folder_mode, file=sys.stderr,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for pair in bar:
+            bar.set_postfix_str(pair.name, refresh=False)
+            try:
+                for note in fuse_one(runner, pair, args, max_pixels):
+                    say(f"note: {note}")
+                summary.fused += 1
+            except InputError as e:
+                summary.failed.append((pair.name, str(e)))
+                if not folder_mode:
+                    return _fail(str(e))
+                say(f"skipped {pair.name}: {e}")
+            except Exception as e:  # an unwritable output, a too-small memory limit, out of memory
+                if not isinstance(e, (ValueError, OSError)) and "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if "RESOURCE_EXHAUSTED" in msg:
+                    msg = f"out of memory ({msg[:120]}); lower --memory-limit so large images are tiled"
+                summary.failed.append((pair.name, msg))
+                if not folder_mode:
+                    return _fail(msg)
+                say(f"skipped {pair.name}: {msg}")
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted after {summary.fused} fused pair(s); finished outputs are complete, "
+              "rerun the same command to continue", file=sys.stderr)
+        return 130
+    finally:
+        summary.seconds = time.perf_counter() - start
+    bar.close()
+    _report(summary, unmatched, runner, folder_mode, out_dir if folder_mode else pairs[0].out)
+    return 2 if summary.failed else 0
+
+
+def _report(s: Summary, unmatched, runner, folder_mode: bool, where: Path) -> None:
+    rate = s.fused / s.seconds if s.seconds > 0 else 0.0
+    compiled = len(runner.shapes)
+    if not folder_mode:
+        if s.fused:
+            print(f"fused -> {where} ({s.seconds:.1f} s)")
+        for name, reason in s.skipped:
+            print(f"skipped {name}: {reason}")
+        return
+    print(f"fused {s.fused} pair(s) in {s.seconds:.1f} s ({rate:.2f} images/s, {compiled} compiled shape(s)) "
+          f"-> {where}; skipped {len(s.skipped) + len(s.failed)} "
+          f"({len(s.skipped)} already done, {len(s.failed)} failed); {len(unmatched)} unmatched")
+    for name, reason in s.failed:
+        print(f"  failed  {name}: {reason}")
+    for name, reason in s.skipped:
+        print(f"  skipped {name}: {reason}")
+    for name, reason in unmatched:
+        print(f"  unmatched {name}: {reason}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are complete, rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Fusing real pairs: padding protocol, colour, tiles, buckets, the folder CLI and its bad inputs.
+
+Most CLI behaviour runs with `StubRunner` (pixel-wise mean, no compile); the official-size network
+(random-weight fixture) runs on 96x96 crops of dev pairs, all on one 128x128 canvas so that they
+share one compiled function.
+"""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from defusion_jax import fuse, imageio, inference
+from defusion_jax.inference import fuse_arrays, pad_amounts
+
+RNG = np.random.default_rng(1)
+FIXTURE_FILE = "ucmimnet_state_dict.safetensors"
+CROP = 96  # -> 128x128 canvas (16 px reflect border on each side)
+
+
+class StubRunner:
+    """fused = (a+b)/2 and a pixel-wise decomposition; records the canvases it was given."""
+
+    patch = 16
+    has_parts = True
+
+    def __init__(self, fail_on_call=None):
+        self.shapes, self.inputs, self.fail_on_call = set(), [], fail_on_call
+
+    def __call__(self, a, b, parts=False):
+        assert a.shape == b.shape and a.shape[1] % 16 == 0 and a.shape[2] % 16 == 0 and a.shape[-1] == 3
+        if self.fail_on_call is not None and len(self.inputs) == self.fail_on_call:
+            raise KeyboardInterrupt
+        self.inputs.append((a.copy(), b.copy()))
+        self.shapes.add((a.shape, parts))
+        out = {"fused": 0.5 * (a + b)}
+        if parts:
+            c = np.minimum(a, b)
+            out.update(common=c, unique1=a - c, unique2=b - c)
+        return out
+
+
+def _run(argv, runner=None):
+    return fuse.run(fuse.build_parser().parse_args([str(x) for x in argv]), runner=runner)
+
+
+def _args(model="stub", **kw):
+    out = ["--model", model]
+    for k, v in kw.items():
+        out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [v])
+    return out
+
+
+# ---- protocol --------------------------------------------------------------------------------
+def test_odd_size_padding_protocol():
+    a, b = RNG.random((333, 517, 3), np.float32), RNG.random((333, 517, 3), np.float32)
+    assert pad_amounts(333, 517) == ((16, 16 + 3), (16, 16 + 11))
+    r = StubRunner()
+    res = fuse_arrays(r, a, b, "mef")
+    (pa, _), = r.inputs
+    assert pa.shape == (1, 368, 560, 3) and res.canvas == (368, 560) and res.tiles == 1
+    np.testing.assert_array_equal(pa[0], np.pad(a, ((16, 19), (16, 27), (0, 0)), mode="reflect"))
+    np.testing.assert_allclose(res.fused, 0.5 * (a + b), atol=1e-7)
+
+
+def test_bucket_pads_further_and_crops_back():
+    a, b = RNG.random((100, 150, 3), np.float32), RNG.random((100, 150, 3), np.float32)
+    r = StubRunner()
+    for bucket, canvas in [(0, (144, 192)), (64, (192, 192)), (128, (256, 256))]:
+        res = fuse_arrays(r, a, b, "mff", bucket=bucket)
+        assert res.canvas == canvas
+        np.testing.assert_allclose(res.fused, 0.5 * (a + b), atol=1e-7)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pad_amounts(10, 10, bucket=40)
+
+
+def test_ivf_feeds_grey_mef_feeds_rgb_and_grey_rgb_mixes():
+    ir, vi = RNG.random((40, 50, 1), np.float32), RNG.random((40, 50, 3), np.float32)
+    r = StubRunner()
+    fuse_arrays(r, ir, vi, "ivf")
+    pa, pb = r.inputs[-1]
+    luma = vi @ np.float32([0.299, 0.587, 0.114])  # 16-bit/float sources: exact 601 weights
+    np.testing.assert_allclose(pb[0, 16:56, 16:66], np.repeat(luma[..., None], 3, -1), atol=1e-6)
+    np.testing.assert_array_equal(pa[0, 16:56, 16:66], np.repeat(ir, 3, -1))
+    fuse_arrays(r, ir, vi, "mef")
+    np.testing.assert_array_equal(r.inputs[-1][1][0, 16:56, 16:66], vi)  # colour kept
+    with pytest.raises(ValueError, match="differ in size"):
+        fuse_arrays(r, ir, vi[:-1], "ivf")
+
+
+def test_ivf_grey_of_8_bit_images_is_pils_convert_l():
+    rgb = RNG.integers(0, 256, (37, 41, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(rgb).convert("L").convert("RGB"), np.float32) / 255
+    np.testing.assert_array_equal(inference.to_model_input(rgb / np.float32(255), "ivf"), want)
+
+
+def test_recolor_takes_luma_from_fused_and_chroma_from_visible():
+    import cv2  # an independent YCbCr implementation
+
+    vi = RNG.random((20, 30, 3), np.float32) * 0.6 + 0.2
+    np.testing.assert_allclose(inference.recolor(vi, vi), vi, atol=1e-6)  # fused == visible: identity
+    grey = np.repeat(RNG.random((20, 30, 1), np.float32) * 0.5 + 0.25, 3, -1)
+    out = inference.recolor(grey, vi)
+    y_out, y_vi = cv2.cvtColor(out, cv2.COLOR_RGB2YCrCb), cv2.cvtColor(vi, cv2.COLOR_RGB2YCrCb)
+    inside = (out > 1e-6).all(-1) & (out < 1 - 1e-6).all(-1)  # where no channel was clipped
+    assert inside.mean() > 0.9
+    np.testing.assert_allclose(y_out[inside][:, 0], grey[inside][:, 0], atol=3e-4)
+    np.testing.assert_allclose(y_out[inside][:, 1:], y_vi[inside][:, 1:], atol=3e-4)
+    np.testing.assert_allclose(inference.recolor(grey, vi[..., :1]), np.repeat(grey[..., :1], 3, -1), atol=1e-6)
+
+
+# ---- tiles -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("hc,wc,max_pixels,overlap", [(368, 560, 200 * 208, 64), (1232, 848, 512 * 512, 64),
+                                                       (128, 2000, 128 * 400, 32), (4096, 4096, 1024 * 1024, 128)])
+def test_tile_plan_covers_canvas_with_overlaps(hc, wc, max_pixels, overlap):
+    plan = inference.plan_tiles(hc, wc, max_pixels, overlap)
+    th, tw = plan.tile
+    assert th * tw <= max_pixels and th % 16 == 0 and tw % 16 == 0
+    for starts, t, length in ((plan.ys, th, hc), (plan.xs, tw, wc)):
+        assert starts[0] == 0 and starts[-1] + t == length and all(s % 16 == 0 for s in starts)
+        assert all(0 < s1 - s0 <= t - overlap for s0, s1 in zip(starts, starts[1:]))
+
+
+def test_blending_is_exact_for_pixelwise_functions():
+    """The weights are a partition of unity: tiling an identity-like function changes nothing."""
+    a, b = RNG.random((300, 410, 3), np.float32), RNG.random((300, 410, 3), np.float32)
+    r = StubRunner()
+    res = fuse_arrays(r, a, b, "mff", parts=True, max_pixels=160 * 208, overlap=48)
+    assert res.tiles > 4 and len({s for s, _ in r.shapes}) == 1  # one tile shape, one compile
+    np.testing.assert_allclose(res.fused, 0.5 * (a + b), atol=2e-6)
+    np.testing.assert_allclose(res.parts["common"], np.minimum(a, b), atol=2e-6)
+
+
+def test_blending_has_no_seams_between_disagreeing_tiles():
+    """Each tile answers a different constant: the blend must ramp smoothly across the overlaps
+    (a hard cut would step by the full difference)."""
+    offsets = iter(RNG.permutation(np.linspace(0, 1, 64)))
+    plan = inference.plan_tiles(400, 400, 160 * 160, 64)
+    out = inference.run_tiled(lambda x, y: {"fused": np.full(x.shape[:2] + (1,), next(offsets))},
+                              np.zeros((400, 400, 3)), np.zeros((400, 400, 3)), plan)["fused"][..., 0]
+    step = max(np.abs(np.diff(out, axis=0)).max(), np.abs(np.diff(out, axis=1)).max())
+    # a raised cosine over r px rises at most pi/(2r) per px, times the largest difference (1)
+    assert step <= np.pi / (2 * 64) * 1.05, step
+    assert out.min() >= 0 and out.max() <= 1
+
+
+# ---- folder CLI (stub runner) ----------------------------------------------------------------
+def _img(shape, kind="u8"):
+    x = RNG.random(shape)
+    return (x * 255).astype(np.uint8) if kind == "u8" else (x * 65535).astype(np.uint16)
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir(), b.mkdir()
+    Image.fromarray(_img((40, 52))).save(a / "grey_rgb.png")  # grey + RGB mix
+    Image.fromarray(_img((40, 52, 3))).save(b / "grey_rgb.jpg")
+    tifffile.imwrite(a / "deep.tif", _img((33, 47, 3), "u16"), photometric="rgb")  # 16-bit TIFF
+    tifffile.imwrite(b / "deep.tif", _img((33, 47), "u16"))
+    Image.fromarray(_img((30, 31, 4)), "RGBA").save(a / "alpha.png")  # RGBA
+    Image.fromarray(_img((30, 31, 3))).save(b / "alpha.bmp")
+    Image.fromarray(_img((33, 51, 3))).save(a / "odd.png")
+    Image.fromarray(_img((33, 51, 3))).save(b / "odd.png")
+    Image.fromarray(_img((20, 20, 3))).save(a / "mismatch.png")
+    Image.fromarray(_img((21, 20, 3))).save(b / "mismatch.png")
+    (a / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    Image.fromarray(_img((20, 20, 3))).save(b / "corrupt.png")
+    Image.fromarray(_img((20, 20, 3))).save(a / "only_a.png")
+    Image.fromarray(_img((20, 20, 3))).save(b / "only_b.png")
+    (a / "notes.txt").write_text("not an image")
+    return a, b
+
+
+def test_folder_run_outputs_summary_and_rerun(folders, tmp_path, capsys):
+    a, b = folders
+    out = tmp_path / "out"
+    r = StubRunner()
+    rc = _run(_args(task="mef", a=a, b=b, out=out, quiet=True), r)
+    cap = capsys.readouterr()
+    assert rc == 2  # two pairs failed (size mismatch, corrupt): reported, the rest fused
+    assert "fused 4 pair(s)" in cap.out and "2 failed" in cap.out and "2 unmatched" in cap.out
+    assert "size mismatch" in cap.out and "corrupt.jpg: cannot decode" in cap.out
+    assert "only_a: only in" in cap.out and "only_b: only in" in cap.out
+    assert sorted(p.name for p in out.iterdir()) == ["alpha.png", "deep.tif", "grey_rgb.png", "odd.png"]
+    deep = imageio.read_image(out / "deep.tif")
+    assert deep.bit_depth == 16 and deep.pixels.shape == (33, 47, 3)  # keeps the deeper input's depth
+    src_a = imageio.read_image(a / "deep.tif").pixels
+    src_b = np.repeat(imageio.read_image(b / "deep.tif").pixels, 3, -1)
+    np.testing.assert_allclose(deep.pixels, 0.5 * (src_a + src_b), atol=1e-4)
+    assert imageio.read_image(out / "odd.png").pixels.shape == (33, 51, 3)
+    assert imageio.read_image(out / "alpha.png").bit_depth == 8
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r2 = StubRunner()
+    rc = _run(_args(task="mef", a=a, b=b, out=out, quiet=True), r2)
+    cap = capsys.readouterr()
+    assert "fused 0 pair(s)" in cap.out and "4 already done" in cap.out and not r2.inputs
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _run(_args(task="mef", a=a, b=b, out=out, quiet=True, overwrite=True), r2)
+    assert len(r2.inputs) == 4 and "fused 4 pair(s)" in capsys.readouterr().out
+
+
+def test_crash_mid_folder_keeps_finished_outputs_and_rerun_continues(folders, tmp_path, capsys, monkeypatch):
+    a, b = folders
+    for p in list(a.iterdir()) + list(b.iterdir()):  # keep the four good pairs
+        if p.stem in ("mismatch", "corrupt", "only_a", "only_b"):
+            p.unlink()
+    out = tmp_path / "out"
+    rc = _run(_args(task="mff", a=a, b=b, out=out, quiet=True), StubRunner(fail_on_call=2))
+    assert rc == 130 and "rerun" in capsys.readouterr().err
+    done = sorted(p.name for p in out.iterdir())
+    assert done == ["alpha.png", "deep.tif"]  # alphabetical: the first two finished
+    for name in done:
+        imageio.read_image(out / name)  # complete files
+
+    # an interrupt while a file is being encoded leaves no file under the final name
+    real = imageio.write_image
+
+    def interrupted(path, *args, **kw):
+        if path.name == "grey_rgb.png":
+            with imageio.atomic_path(path) as tmp:
+                tmp.write_bytes(b"half a png")
+                raise KeyboardInterrupt
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(imageio, "write_image", interrupted)
+    assert _run(_args(task="mff", a=a, b=b, out=out, quiet=True), StubRunner()) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["alpha.png", "deep.tif"]
+    monkeypatch.setattr(imageio, "write_image", real)
+
+    r = StubRunner()
+    assert _run(_args(task="mff", a=a, b=b, out=out, quiet=True), r) == 0
+    assert len(r.inputs) == 2  # only the two missing pairs
+    assert sorted(p.name for p in out.iterdir()) == ["alpha.png", "deep.tif", "grey_rgb.png", "odd.png"]
+
+
+def test_single_pair_formats_depths_and_decomposition(tmp_path, capsys):
+    a, b = _img((45, 61, 3), "u16"), _img((45, 61, 3), "u16")
+    np.save(tmp_path / "a.npy", a.astype(np.float32) / 65535)
+    cv_b = tmp_path / "b.png"
+    import cv2
+
+    cv2.imwrite(str(cv_b), b[..., ::-1])
+    r = StubRunner()
+    assert _run(_args(task="mff", a=tmp_path / "a.npy", b=cv_b, out=tmp_path / "o"), r) == 0
+    got = np.load(tmp_path / "o" / "a.npy")  # .npy in -> float .npy out
+    np.testing.assert_allclose(got, 0.5 * (a / 65535 + b / 65535), atol=1e-6)
+    assert _run(_args(task="mff", a=tmp_path / "a.npy", b=cv_b, out=tmp_path / "f16.png"), r) == 0
+    assert imageio.read_image(tmp_path / "f16.png").bit_depth == 16  # float source -> 16-bit PNG
+    assert _run(_args(task="mff", a=tmp_path / "a.npy", b=cv_b, out=tmp_path / "f8.jpg", bit_depth="8"), r) == 0
+    assert imageio.read_image(tmp_path / "f8.jpg").bit_depth == 8
+    assert _run(_args(task="mff", a=tmp_path / "a.npy", b=cv_b, out=tmp_path / "d.png",
+                      save_decomposition=True), r) == 0
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("d"))
+    assert names == ["d.png", "d_common.png", "d_heat_common.png", "d_heat_unique_a.png", "d_heat_unique_b.png",
+                     "d_unique_a.png", "d_unique_b.png"]
+    heat = imageio.read_image(tmp_path / "d_heat_unique_a.png")
+    assert heat.pixels.shape == (45, 61, 3) and heat.bit_depth == 8
+    # a second run skips the existing output, says so, and exits 0
+    assert _run(_args(task="mff", a=tmp_path / "a.npy", b=cv_b, out=tmp_path / "d.png"), r) == 0
+    assert "skipped d" in capsys.readouterr().out
+
+
+def _one_line_error(capsys, rc):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path, capsys, folders):
+    a, b = folders
+    good = a / "odd.png"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "notamodel").mkdir()
+    stub = StubRunner()
+    cases = [
+        (_args(task="mef", a=tmp_path / "missing.png", b=good, out=tmp_path / "o.png"), stub, "no such file"),
+        (_args(task="mef", a=a / "corrupt.jpg", b=b / "corrupt.png", out=tmp_path / "o.png"), stub, "cannot decode"),
+        (_args(task="mef", a=a / "mismatch.png", b=b / "mismatch.png", out=tmp_path / "o.png"), stub, "size mismatch"),
+        (_args(task="mef", a=tmp_path / "empty", b=b, out=tmp_path / "o"), stub, "no images in"),
+        (_args(task="mef", a=a / "notes.txt", b=good, out=tmp_path / "o.png"), stub, "unsupported file type"),
+        (_args(task="mef", a=a, b=good, out=tmp_path / "o"), stub, "both be files or both be folders"),
+        (_args(task="mff", a=good, b=good, out=tmp_path / "o.png", color=True), stub, "--color is for IVF"),
+        (_args(model=tmp_path / "junk.pth", task="mef", a=good, b=good, out=tmp_path / "o.png"), None, "cannot load model"),
+        (_args(model=tmp_path / "nope.pth", task="mef", a=good, b=good, out=tmp_path / "o.png"), None, "model not found"),
+        (_args(model=tmp_path / "notamodel", task="mef", a=good, b=good, out=tmp_path / "o.png"), None, "cannot load model"),
+    ]
+    for argv, runner, msg in cases:
+        err = _one_line_error(capsys, _run(argv, runner))
+        assert msg in err, (msg, err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_process_bad_input_no_traceback(tmp_path, shared_dir):
+    proc = subprocess.run([sys.executable, "-m", "defusion_jax.fuse", "--model", str(tmp_path / "none.pth"), "--task",
+                           "ivf", "--a", str(tmp_path / "x.png"), "--b", str(tmp_path / "y.png"), "--out",
+                           str(tmp_path / "o.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
+
+
+# ---- the official-size network (random-weight fixture) ---------------------------------------
+DEV_PAIRS = {"ivf": ("ivf/MSRS/ir/00004N.png", "ivf/MSRS/vi/00004N.png"),
+             "mef": ("mef/MEFB/under/House.png", "mef/MEFB/over/House.png"),
+             "mff": ("mff/Lytro/A/lytro_01.jpg", "mff/Lytro/B/lytro_01.jpg")}
+
+
+@pytest.fixture(scope="module")
+def model(fixture_dir):
+    from defusion_jax.api import load_model
+
+    return load_model(fixture_dir / FIXTURE_FILE)
+
+
+@pytest.fixture(scope="module")
+def runner(model):
+    return inference.ModelRunner(model)
+
+
+def _crop_pair(shared_dir, tmp_path, task, size=(CROP, CROP), y=100, x=120):
+    """Crops of a dev pair, saved in their source format (grey stays grey)."""
+    out = []
+    for rel, folder in zip(DEV_PAIRS[task], ("A", "B")):
+        src = shared_dir / "data" / rel
+        im = Image.open(src)
+        crop = im.crop((x, y, x + size[1], y + size[0]))
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        dst = tmp_path / folder / f"{task}{src.suffix}"
+        crop.save(dst, quality=100) if src.suffix == ".jpg" else crop.save(dst)
+        out.append(dst)
+    return out
+
+
+def _reference(model, path_a, path_b, task):
+    """The official test protocol written out independently: PIL loading as the official
+    loaders (IVF `convert('L').convert('RGB')`, else `convert('RGB')`), reflect 16 + up to 16."""
+    def load(p):
+        im = Image.open(p)
+        im = im.convert("L").convert("RGB") if task == "ivf" else im.convert("RGB")
+        return np.asarray(im, np.float32) / 255
+
+    a, b = load(path_a), load(path_b)
+    h, w = a.shape[:2]
+    ph, pw = (-(h + 32)) % 16, (-(w + 32)) % 16
+    pad = lambda x: np.pad(x, ((16, 16 + ph), (16, 16 + pw), (0, 0)), mode="reflect")[None]  # noqa: E731
+    return np.asarray(model.fuse(pad(a), pad(b)))[0, 16:16 + h, 16:16 + w]
+
+
+def test_dev_pairs_of_every_task_through_the_cli(shared_dir, tmp_path, model, runner, capsys):
+    for task in ("ivf", "mef", "mff"):
+        pa, pb = _crop_pair(shared_dir, tmp_path / task, task)
+        out = tmp_path / task / "out"
+        assert _run(_args(task=task, a=pa.parent, b=pb.parent, out=out, format="npy", quiet=True), runner) == 0
+        got = np.load(out / f"{task}.npy")
+        ref = _reference(model, pa, pb, task)
+        assert got.shape == (CROP, CROP, 3)
+        np.testing.assert_allclose(got, np.clip(ref, 0, 1), atol=1e-5)
+        # the Python API agrees
+        np.testing.assert_allclose(model.fuse_image(imageio.read_image(pa).pixels, imageio.read_image(pb).pixels,
+                                                    task), got, atol=1e-5)
+    assert {s for s, _ in runner.shapes} == {(1, 128, 128, 3)}  # one compiled canvas for all
+
+
+def test_decomposition_outputs_with_the_network(shared_dir, tmp_path, model, runner):
+    pa, pb = _crop_pair(shared_dir, tmp_path, "mef")
+    assert _run(_args(task="mef", a=pa, b=pb, out=tmp_path / "o" / "f.npy", save_decomposition=True, quiet=True),
+                runner) == 0
+    fused = np.load(tmp_path / "o" / "f.npy")
+    np.testing.assert_allclose(fused, np.clip(_reference(model, pa, pb, "mef"), 0, 1), atol=1e-5)
+    for k in ("common", "unique_a", "unique_b"):
+        assert np.load(tmp_path / "o" / f"f_{k}.npy").shape == (CROP, CROP, 3)
+        assert imageio.read_image(tmp_path / "o" / f"f_heat_{k}.png").pixels.shape == (CROP, CROP, 3)
+
+
+def test_model_path_color_output(shared_dir, tmp_path, fixture_dir):
+    """Through --model (a fresh load) with --color: visible chroma, fused luma, 8-bit PNG."""
+    pa, pb = _crop_pair(shared_dir, tmp_path, "ivf")
+    rc = fuse.main(["--model", str(fixture_dir / FIXTURE_FILE), "--task", "ivf", "--a", str(pa), "--b", str(pb),
+                    "--out", str(tmp_path / "c.png"), "--color"])
+    assert rc == 0
+    got = imageio.read_image(tmp_path / "c.png")
+    assert got.bit_depth == 8 and got.pixels.shape == (CROP, CROP, 3) and inference.chroma_energy(got.pixels) > 0.01
+
+
+def test_tiled_network_output_is_seamless(shared_dir, tmp_path, runner):
+    """2 tiles of the shared 128x128 canvas vs one 128x208 pass. Random weights make the two
+    disagree (global attention sees different context), but the blend must show no seam."""
+    pa, pb = _crop_pair(shared_dir, tmp_path, "mff", size=(CROP, 176))
+    a, b = imageio.read_image(pa).pixels, imageio.read_image(pb).pixels
+    full = fuse_arrays(runner, a, b, "mff").fused
+    tiled = fuse_arrays(runner, a, b, "mff", max_pixels=128 * 128, overlap=32)
+    assert tiled.tiles == 2 and tiled.canvas == (128, 128)
+    corr = np.corrcoef(full.ravel(), tiled.fused.ravel())[0, 1]
+    assert corr > 0.8, corr
+    # column-to-column change: the overlap band (image columns 64..112) is no rougher than the rest
+    gx = np.abs(np.diff(tiled.fused, axis=1)).mean(axis=(0, 2))
+    band, rest = gx[60:116], np.concatenate([gx[:60], gx[116:]])
+    assert band.max() <= 1.25 * np.percentile(rest, 95), (band.max(), np.percentile(rest, 95))
+    gx_full = np.abs(np.diff(full, axis=1)).mean(axis=(0, 2))
+    assert abs(gx.mean() / gx_full.mean() - 1) < 0.15
