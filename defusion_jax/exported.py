@@ -1,0 +1,154 @@
+"""Load a DeFusion++ fusion function written by `python -m defusion_jax.export`.
+
+    from defusion_jax.exported import load      # or copy this one file next to your code
+    f = load("defusionpp_export/")
+    fused = f(a, b)     # NHWC float32 in [0,1], H and W multiples of 16 -> NHWC float32
+
+This module imports only the standard library, numpy and jax: it works where the rest of
+defusion_jax (and flax) is not installed. Copy it anywhere and `import exported`.
+
+The folder holds `manifest.json` (input layout, value range, padding rule, versions),
+`fuse.jax` (a `jax.export` serialization of `f(params, a, b)` with symbolic batch, height and
+width, lowered for the platforms listed in the manifest) and `weights.npz` (the parameters, read
+with `allow_pickle=False`; passed to the function as an argument, not baked into it).
+
+SECURITY: the serialized function is trusted input. `jax.export.deserialize` compiles and runs
+the StableHLO it finds; load only folders you made yourself or got from someone you trust.
+
+The output is the network's raw linear prediction (mostly in [0,1]; clip before saving). Images
+of other sizes: reflect-pad 16 px on every side, then bottom/right up to a multiple of 16, fuse,
+and crop [16:16+H, 16:16+W] (the manifest's `padding_rule`; `python -m defusion_jax.fuse`
+does this for you).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "defusion_jax.exported/1"
+MANIFEST = "manifest.json"
+
+
+class ExportedModelError(ValueError):
+    """An export folder that cannot be used; the message says why in one line."""
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format", "").startswith("defusion_jax.exported/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _nest(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _backend_platforms() -> set[str]:
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":  # jax names the backend 'gpu'; exports name cuda / rocm
+        version = str(getattr(dev.client, "platform_version", "")).lower()
+        return {"rocm"} if "rocm" in version else {"cuda"}
+    return {dev.platform}
+
+
+class ExportedFusion:
+    """`f(a, b) -> fused` from an export folder; compiled once per input shape."""
+
+    patch = 16
+
+    def __init__(self, directory: str | os.PathLike, *, verify: bool = True):
+        import jax
+        from jax import export
+
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.is_file():
+            raise ExportedModelError(f"{self.directory}: no {MANIFEST} (not an export folder)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ExportedModelError(f"{manifest_path}: unreadable manifest ({e})") from None
+        fmt = self.manifest.get("format")
+        if fmt != FORMAT:
+            raise ExportedModelError(f"{self.directory}: export format {fmt!r}, this loader reads {FORMAT!r}")
+        files = self.manifest.get("files", {})
+        fn_path = self.directory / files.get("function", "fuse.jax")
+        w_path = self.directory / files.get("weights", "weights.npz")
+        for p in (fn_path, w_path):
+            if not p.is_file():
+                raise ExportedModelError(f"{self.directory}: {p.name} is missing")
+        if verify:
+            for p in (fn_path, w_path):
+                want = self.manifest.get("sha256", {}).get(p.name)
+                if want and _sha256(p) != want:
+                    raise ExportedModelError(f"{p}: checksum differs from the manifest (damaged or replaced file)")
+        try:
+            self.exported = export.deserialize(bytearray(fn_path.read_bytes()))
+        except Exception as e:
+            raise ExportedModelError(f"{fn_path}: cannot deserialize ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); the jax that wrote it "
+                                     f"was {self.manifest.get('versions', {}).get('jax')}, this is {jax.__version__}") from None
+        here = _backend_platforms()
+        if not here & set(self.exported.platforms):
+            raise ExportedModelError(f"{self.directory}: exported for {', '.join(self.exported.platforms)}, "
+                                     f"but this jax runs on {', '.join(sorted(here))}; re-export with "
+                                     "--platforms including it")
+        try:
+            with np.load(w_path, allow_pickle=False) as z:
+                flat = {k: np.asarray(z[k]) for k in z.files}
+        except Exception as e:
+            raise ExportedModelError(f"{w_path}: unreadable weights ({e})") from None
+        self.params = jax.device_put(_nest(flat))
+        self._call = jax.jit(self.exported.call)
+        self.max_side = int(self.manifest.get("inputs", {}).get("max_side", 1 << 30))
+
+    def __repr__(self):
+        return f"ExportedFusion({str(self.directory)!r}, platforms={self.exported.platforms})"
+
+    def __call__(self, a, b):
+        """Fused image (raw prediction) of two NHWC float32 batches in [0,1], H, W multiples of 16."""
+        import jax.numpy as jnp
+
+        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        if a.ndim != 4 or a.shape != b.shape:
+            raise ValueError(f"expected two NHWC batches of one shape, got {a.shape} and {b.shape}")
+        if a.shape[-1] != 3:
+            raise ValueError(f"expected 3 channels (RGB; replicate grey images), got {a.shape[-1]}")
+        h, w = a.shape[1], a.shape[2]
+        if h % self.patch or w % self.patch or h == 0 or w == 0:
+            raise ValueError(f"height and width must be positive multiples of {self.patch}, got {h}x{w}; "
+                             "pad as the manifest's padding_rule says")
+        if max(h, w) > self.max_side:
+            raise ValueError(f"{h}x{w} exceeds the exported maximum side of {self.max_side} px; use tiles")
+        return self._call(self.params, a, b)
+
+
+def load(directory: str | os.PathLike, *, verify: bool = True) -> ExportedFusion:
+    """The fusion function stored in `directory` (see the module docstring)."""
+    return ExportedFusion(directory, verify=verify)

@@ -1,0 +1,136 @@
+"""The exported fusion function: written by the CLI, loaded in a process without the model code,
+equal to `load_model(...).decompose(...)["fused"]` within 1e-5 on a padded dev pair."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defusion_jax import exported, fuse, imageio
+from defusion_jax import export as export_cli
+from defusion_jax.inference import pad_amounts, pad_image, to_model_input
+
+FIXTURE_FILE = "ucmimnet_state_dict.safetensors"
+
+
+@pytest.fixture(scope="module")
+def export_dir(fixture_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "defusionpp"
+    assert export_cli.main(["--model", str(fixture_dir / FIXTURE_FILE), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def padded_pair(shared_dir):
+    """A dev MEF pair, cropped to an odd size and padded by the protocol: 1 x 144 x 176 x 3."""
+    ims = [np.asarray(Image.open(shared_dir / "data/mef/MEFB" / r / "House.png").convert("RGB"), np.float32)[40:149, 60:201] / 255
+           for r in ("under", "over")]
+    pads = pad_amounts(*ims[0].shape[:2])
+    a, b = (pad_image(to_model_input(x, "mef"), pads)[None] for x in ims)
+    assert a.shape == (1, 144, 176, 3)
+    return a, b
+
+
+def test_export_folder_and_manifest(export_dir):
+    assert sorted(p.name for p in export_dir.iterdir()) == ["fuse.jax", "manifest.json", "weights.npz"]
+    m = json.loads((export_dir / "manifest.json").read_text())
+    assert m["format"] == exported.FORMAT and m["platforms"] == ["cpu", "cuda", "tpu"]
+    assert m["inputs"]["layout"] == "NHWC" and m["inputs"]["shape"] == "(batch, 16*h, 16*w, 3)"
+    assert m["inputs"]["value_range"] == [0.0, 1.0] and "reflect-pad 16" in m["padding_rule"]
+    assert m["versions"]["jax"] and m["direction"] == "q_view2" and m["model"]["num_params"] == 13_420_800
+    # weights are stored beside the function, not baked into it
+    assert (export_dir / "fuse.jax").stat().st_size < 2 << 20 < (export_dir / "weights.npz").stat().st_size
+    exp = exported.load(export_dir).exported
+    assert str(exp.in_avals[-1].shape) == "(b, 16*h, 16*w, 3)"
+
+
+def test_exported_function_in_a_process_without_the_model_code(export_dir, padded_pair, fixture_dir, tmp_path):
+    from defusion_jax.api import load_model
+
+    a, b = padded_pair
+    # batch 2 (symbolic batch) with the pair and its swap; a second size checks symbolic H, W
+    np.save(tmp_path / "a.npy", np.concatenate([a, b]))
+    np.save(tmp_path / "b.npy", np.concatenate([b, a]))
+    iso = tmp_path / "iso"
+    iso.mkdir()
+    shutil.copy(exported.__file__, iso / "exported.py")
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("defusion_jax", "flax", "torch"):
+                    raise ImportError(f"blocked: {{name}}")
+        sys.meta_path.insert(0, Block())
+        sys.path = [p for p in sys.path if "work/main" not in p]
+        import numpy as np, exported
+        f = exported.load({str(export_dir)!r})
+        np.save("fused.npy", np.asarray(f(np.load("a.npy"), np.load("b.npy"))))
+        other = np.asarray(f(np.full((1, 64, 48, 3), 0.5, np.float32), np.zeros((1, 64, 48, 3), np.float32)))
+        assert other.shape == (1, 64, 48, 3) and np.isfinite(other).all()
+        try:
+            f(np.zeros((1, 40, 48, 3), np.float32), np.zeros((1, 40, 48, 3), np.float32))
+        except ValueError as e:
+            assert "multiples of 16" in str(e)
+        else:
+            raise SystemExit("a 40-px input was accepted")
+        print("loaded without", [m for m in ("defusion_jax", "flax") if m in sys.modules])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(iso),
+                                                        "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loaded without []" in proc.stdout
+    got = np.load(tmp_path / "fused.npy")
+    ref = np.asarray(load_model(fixture_dir / FIXTURE_FILE).decompose(a, b)["fused"])
+    assert got.shape == (2, 144, 176, 3)
+    err = float(np.abs(got[0] - ref[0]).max())
+    assert err <= 1e-5, err
+    print(f"exported vs decompose: max |diff| {err:.2e}")
+
+
+def test_fuse_cli_runs_an_export(export_dir, shared_dir, tmp_path, capsys):
+    a, b = (shared_dir / "data/mff/MFIFB_other" / r / "savic_01.jpg" for r in ("A", "B"))
+    for p, name in ((a, "a.png"), (b, "b.png")):
+        Image.open(p).crop((0, 0, 112, 80)).save(tmp_path / name)  # 144x176 canvas as above
+    rc = fuse.main(["--model", str(export_dir), "--task", "mff", "--a", str(tmp_path / "a.png"), "--b",
+                    str(tmp_path / "b.png"), "--out", str(tmp_path / "f.png")])
+    assert rc == 0 and imageio.read_image(tmp_path / "f.png").pixels.shape == (80, 112, 3)
+    rc = fuse.main(["--model", str(export_dir), "--task", "mff", "--a", str(tmp_path / "a.png"), "--b",
+                    str(tmp_path / "b.png"), "--out", str(tmp_path / "g.png"), "--save-decomposition"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "needs a checkpoint" in err and "\n" not in err
+
+
+def test_bad_exports_and_models(export_dir, tmp_path, capsys):
+    assert export_cli.main(["--model", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert export_cli.main(["--model", str(export_dir), "--out", str(tmp_path / "y")]) == 2  # not a checkpoint
+    assert "cannot load model" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    with open(broken / "weights.npz", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\0" * 16)
+    with pytest.raises(exported.ExportedModelError, match="checksum"):
+        exported.load(broken)
+    img = tmp_path / "x.png"
+    Image.new("RGB", (20, 20)).save(img)
+    rc = fuse.main(["--model", str(broken), "--task", "mff", "--a", str(img), "--b", str(img),
+                    "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "checksum" in err
+    (broken / "manifest.json").write_text('{"format": "defusion_jax.exported/99"}')
+    with pytest.raises(exported.ExportedModelError, match="format"):
+        exported.load(broken)
+    with pytest.raises(exported.ExportedModelError, match="not an export folder"):
+        exported.load(tmp_path)
+
+
+def test_export_refuses_to_overwrite(export_dir, fixture_dir, capsys):
+    rc = export_cli.main(["--model", str(fixture_dir / FIXTURE_FILE), "--out", str(export_dir)])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
