@@ -168,10 +168,14 @@ class DeFusionSeg(nn.Module):
         f = self.backbone.features(x1, x2, self.direction, deterministic)
         return f[:, 1:].reshape(b, h // p, w // p, f.shape[-1])
 
+    def head_logits(self, fmap, deterministic: bool = True):
+        """Pyramid + UPerHead on a (B, h, w, D) feature map -> float32 logits at stride 4. Initialising
+        through this method creates the head parameters alone (the backbone is never touched)."""
+        return self.decode_head(self.pyramid(fmap), deterministic).astype(jnp.float32)
+
     def __call__(self, x1, x2, deterministic: bool = True, full_size: bool = True):
         """float32 logits (B, H, W, num_classes); with `full_size=False` at stride 4."""
-        logits = self.decode_head(self.pyramid(self.feature_map(x1, x2, deterministic)), deterministic)
-        logits = logits.astype(jnp.float32)
+        logits = self.head_logits(self.feature_map(x1, x2, deterministic), deterministic)
         return resize_bilinear(logits, x1.shape[1:3]) if full_size else logits
 
 
