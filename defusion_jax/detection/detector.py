@@ -299,6 +299,18 @@ class DeFusionDetector(nn.Module):
             scores, classes, valid = (jnp.pad(v, ((0, 0), (0, d))) for v in (scores, classes, valid))
         return {"boxes": boxes, "scores": scores, "classes": classes, "valid": valid}
 
+    def initialize_heads(self, fmap):
+        """Create only the pyramid and head parameters, from a stand-in (B, h, w, D) feature map
+        (with `init`, the same values as a whole-model init with the same rng: Flax derives each
+        module's rng from its name path)."""
+        feats = list(self.pyramid(fmap))
+        if self.head.top_block:
+            feats.append(nn.max_pool(feats[-1], (1, 1), strides=(2, 2), padding="VALID"))
+        self.rpn(feats)
+        b = fmap.shape[0]
+        self.box_predictions(feats, jnp.tile(jnp.asarray([[[0.0, 0.0, 16.0, 16.0]]]), (b, 1, 1)))
+        return feats
+
     def initialize(self, ir, vi):
         feats = self.pyramid_features(ir, vi)
         self.rpn(feats)
