@@ -93,6 +93,9 @@ def export_model(model, out_dir: str | os.PathLike, *, direction: str = "q_view2
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes 0700; the export gets the usual permissions
     try:
         (stage / FUNCTION_FILE).write_bytes(blob)
         flat = {k: np.ascontiguousarray(v, np.float32) for k, v in flatten(jax.device_get(model.params)).items()}

@@ -248,23 +248,8 @@ def run(args, runner=None) -> int:
         return _fail("--color is for IVF; MEF and MFF outputs are colour already")
     try:
         pairs, unmatched, out_dir, folder_mode = _plan(args)
-        if runner is None:
-            runner = load_runner(args.model, args.direction, args.precision)
     except InputError as e:
         return _fail(str(e))
-    if args.save_decomposition and not runner.has_parts:
-        return _fail("--save-decomposition needs a checkpoint; an exported function gives the fused image only")
-    if args.max_pixels is not None:
-        max_pixels = args.max_pixels
-    else:
-        limit = args.memory_limit or inference.default_memory_limit()
-        max_pixels = inference.max_pixels_for(limit, args.save_decomposition, runner.patch)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return _fail(f"cannot create output folder {out_dir}: {e}")
-    imageio.remove_stale_temporaries(out_dir)
-
     summary = Summary()
     todo = []
     for pair in pairs:
@@ -273,6 +258,24 @@ def run(args, runner=None) -> int:
             summary.skipped.append((pair.name, f"{pair.out} exists (--overwrite replaces it)"))
         else:
             todo.append(pair)
+    if runner is None and todo:  # a rerun with nothing left to do does not load the model
+        try:
+            runner = load_runner(args.model, args.direction, args.precision)
+        except InputError as e:
+            return _fail(str(e))
+    if runner is not None and args.save_decomposition and not runner.has_parts:
+        return _fail("--save-decomposition needs a checkpoint; an exported function gives the fused image only")
+    patch = runner.patch if runner is not None else 16
+    if args.max_pixels is not None:
+        max_pixels = args.max_pixels
+    else:
+        limit = args.memory_limit or inference.default_memory_limit()
+        max_pixels = inference.max_pixels_for(limit, args.save_decomposition, patch)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return _fail(f"cannot create output folder {out_dir}: {e}")
+    imageio.remove_stale_temporaries(out_dir)
 
     from tqdm import tqdm
 
@@ -316,14 +319,15 @@ def run(args, runner=None) -> int:
 
 def _report(s: Summary, unmatched, runner, folder_mode: bool, where: Path) -> None:
     rate = s.fused / s.seconds if s.seconds > 0 else 0.0
-    compiled = len(runner.shapes)
+    speed = f"{rate:.3g} images/s" + (f", {1 / rate:.1f} s/pair" if 0 < rate < 1 else "")
+    compiled = len(runner.shapes) if runner is not None else 0
     if not folder_mode:
         if s.fused:
             print(f"fused -> {where} ({s.seconds:.1f} s)")
         for name, reason in s.skipped:
             print(f"skipped {name}: {reason}")
         return
-    print(f"fused {s.fused} pair(s) in {s.seconds:.1f} s ({rate:.2f} images/s, {compiled} compiled shape(s)) "
+    print(f"fused {s.fused} pair(s) in {s.seconds:.1f} s ({speed}, {compiled} compiled shape(s)) "
           f"-> {where}; skipped {len(s.skipped) + len(s.failed)} "
           f"({len(s.skipped)} already done, {len(s.failed)} failed); {len(unmatched)} unmatched")
     for name, reason in s.failed:
