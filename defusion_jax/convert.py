@@ -162,6 +162,19 @@ def _cmd_official(args) -> int:
     return 0
 
 
+def _cmd_random(args) -> int:
+    """Randomly initialised official network (for demos and tests only: it fuses nothing well)."""
+    from defusion_jax.models.defusion import build_model, init_params
+
+    cfg = {"multimodal": False}
+    params = jax.jit(lambda r: init_params(build_model(cfg), r))(jax.random.key(args.seed))
+    out = save_params(args.output, jax.device_get(params), cfg,
+                      {"source": f"random init, seed {args.seed}", "converter": "random",
+                       "warning": "random weights: outputs are not meaningful"})
+    print(f"wrote a RANDOMLY INITIALISED official network (seed {args.seed}) to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -171,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, help=".pth (official wrapper or bare) or .safetensors")
     p.add_argument("--output", required=True, help="output folder (params.safetensors + model.json)")
     p.set_defaults(fn=_cmd_official)
+    p = sub.add_parser("random", help="randomly initialised official network (demos only)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_random)
     try:
         from defusion_jax import convert_vit
     except ImportError:
