@@ -87,8 +87,18 @@ def export_model(model, out_dir: str | os.PathLike, *, direction: str = "q_view2
                                   constraints=(f"h <= {MAX_TRACED_GRID}", f"w <= {MAX_TRACED_GRID}"))
     img = jax.ShapeDtypeStruct(shape, jnp.float32)
     params_spec = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), jnp.float32), model.params)
-    with jax.default_matmul_precision(precision):
-        exp = export.export(jax.jit(fuse), platforms=list(platforms))(params_spec, img, img)
+    # A cuDNN-only attention kernel (picked for 16-bit models when tracing on a GPU) cannot be
+    # lowered for the other platforms: trace the portable formulation.
+    saved = os.environ.get("DEFUSION_CUDNN_ATTENTION")
+    os.environ["DEFUSION_CUDNN_ATTENTION"] = "0"
+    try:
+        with jax.default_matmul_precision(precision):
+            exp = export.export(jax.jit(fuse), platforms=list(platforms))(params_spec, img, img)
+    finally:
+        if saved is None:
+            os.environ.pop("DEFUSION_CUDNN_ATTENTION", None)
+        else:
+            os.environ["DEFUSION_CUDNN_ATTENTION"] = saved
     blob = exp.serialize()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
