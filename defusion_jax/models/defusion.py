@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from defusion_jax.models.cross_attention import CABlock
-from defusion_jax.models.vit import Block, sincos_table, vit_from_config
+from defusion_jax.models.vit import Block, restore_masked_tokens, vit_from_config
 
 DIRECTIONS = ("q_view2", "q_view1")
 
@@ -254,13 +254,7 @@ class DeFusionPP(nn.Module):
 
     def mfm_decode(self, t, ids_restore, grid, deterministic: bool = True):
         """Interpolation layer (mask tokens, unshuffle, fixed sin-cos table) and the MFM decoder."""
-        x = t["mfm_mfme_out"]
-        b, kept, d = x.shape
-        n = ids_restore.shape[1]
-        fill = jnp.broadcast_to(self.mask_token.astype(x.dtype), (b, n + 1 - kept, d))
-        x_ = jnp.concatenate([x[:, 1:], fill], axis=1)
-        x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)
-        x = jnp.concatenate([x[:, :1], x_], axis=1) + jnp.asarray(sincos_table(d, *grid)).astype(x.dtype)
+        x = restore_masked_tokens(t["mfm_mfme_out"], self.mask_token, ids_restore, grid)
         t["mfm_decoder_in"] = x
         for blk in self.mim_decoder_blocks:
             x = blk(x, deterministic)

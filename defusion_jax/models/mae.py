@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from defusion_jax.models.vit import (
-    Block, PatchEmbed, ViT, as_heads, normalize_imagenet, sincos_table, vit_from_config,
+    Block, PatchEmbed, ViT, as_heads, normalize_imagenet, restore_masked_tokens, sincos_table,
+    vit_from_config,
 )
 
 MAE_DECODER = dict(width=512, depth=8, heads=16, mlp_dim=2048)  # MAE's ViT-B/L decoder
@@ -155,12 +156,7 @@ class MAE(nn.Module):
     def decode(self, latent, ids_restore, grid):
         """MAE `forward_decoder`: mask tokens, unshuffle, fixed sin-cos table, blocks, pixel head."""
         x = self.decoder_embed(latent)
-        b, kept, d = x.shape
-        n = ids_restore.shape[1]
-        fill = jnp.broadcast_to(self.mask_token.astype(x.dtype), (b, n + 1 - kept, d))
-        x_ = jnp.concatenate([x[:, 1:], fill], axis=1)
-        x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)
-        x = jnp.concatenate([x[:, :1], x_], axis=1) + jnp.asarray(sincos_table(d, *grid)).astype(x.dtype)
+        x = restore_masked_tokens(x, self.mask_token, ids_restore, grid)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
@@ -298,8 +294,6 @@ def init_from(path, model: MAE, fresh: Mapping) -> tuple[dict, list[str]]:
                               f"{want['posemb']!r}; set config.model.encoder.posemb={cfg['posemb']!r}")
     out = dict(fresh, encoder=enc_params)
     if dec_sd:
-        from defusion_jax.models.vit import sincos_table
-
         dec_fresh = {k: v for k, v in fresh.items() if k != "encoder"}
         expected = {k: tuple(v.shape) for k, v in flatten_shapes(dec_fresh).items()}
         d = model.decoder_width

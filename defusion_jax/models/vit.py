@@ -108,6 +108,20 @@ def sincos_table_traced(dim: int, grid_h, grid_w, cls_token: bool = True) -> jax
     return emb
 
 
+def restore_masked_tokens(x: jax.Array, mask_token: jax.Array, ids_restore: jax.Array,
+                          grid: tuple[int, int]) -> jax.Array:
+    """MAE-style interpolation: append mask tokens after the kept ones, unshuffle with
+    `ids_restore`, put the cls token back in front and add the fixed sin-cos table of `grid`.
+
+    x: (B, 1 + kept, D) with cls first; returns (B, 1 + h*w, D). Used by the MFM decoder (Eq. 8)
+    and the MAE teacher decoder.
+    """
+    b, kept, d = x.shape
+    fill = jnp.broadcast_to(mask_token.astype(x.dtype), (b, ids_restore.shape[1] + 1 - kept, d))
+    x_ = jnp.take_along_axis(jnp.concatenate([x[:, 1:], fill], axis=1), ids_restore[:, :, None], axis=1)
+    return jnp.concatenate([x[:, :1], x_], axis=1) + jnp.asarray(sincos_table(d, *grid)).astype(x.dtype)
+
+
 def resample_table(table: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> jax.Array:
     """Bicubic resampling of a learned (1 + h*w, D) position table to a new grid (cls row kept)."""
     if tuple(old_hw) == tuple(new_hw):
