@@ -1,0 +1,160 @@
+"""Shared helpers of the benchmarks (not a library module: imported only by benchmarks/*.py).
+
+Every benchmark prints exactly one JSON line on stdout (diagnostics go to stderr). XLA flags are
+process-wide and must be set before jax is imported, so each script calls `set_xla_flags()` first;
+the library itself never sets flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Flags measured to help (or not hurt) this project's step on XLA:CPU; see docs/benchmarks.md.
+CPU_XLA_FLAGS: tuple[str, ...] = ()
+
+
+def set_xla_flags(extra: str | None = None, cpu_defaults: bool = True) -> str:
+    """Append the benchmark's XLA flags to $XLA_FLAGS (before jax is imported); returns them."""
+    if "jax" in sys.modules:
+        raise RuntimeError("set_xla_flags() must run before jax is imported")
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if cpu_defaults:
+        flags += [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in " ".join(flags)]
+    if extra:
+        flags += extra.split()
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    return os.environ["XLA_FLAGS"]
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Persistent XLA compilation cache for benchmark processes (compile time is never timed)."""
+    import jax
+
+    path = path or os.environ.get("DEFUSION_BENCH_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "defusion_jax_bench_cache"))
+    if path.lower() in ("", "0", "off", "none"):
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def emit(record: dict) -> None:
+    """The one JSON line a benchmark prints."""
+    print(json.dumps(record, sort_keys=False, default=_jsonable), flush=True)
+
+
+def _jsonable(x):
+    try:
+        import numpy as np
+
+        if isinstance(x, np.generic):
+            return x.item()
+    except ImportError:
+        pass
+    return str(x)
+
+
+def time_calls(fn, n: int, sync) -> list[float]:
+    """Wall seconds of `n` calls of fn(), each followed by sync(result)."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sync(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def host_info() -> dict:
+    import jax
+
+    d = jax.devices()[0]
+    return {"device": f"{d.platform}:{getattr(d, 'device_kind', '?')}", "device_count": jax.device_count(),
+            "host_cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "jax": jax.__version__, "python": platform.python_version()}
+
+
+def peak_memory() -> dict:
+    """Peak bytes: the accelerator's allocator peak where it reports one, else the process's peak
+    resident set (CPU backend; includes Python, compiled code and everything else)."""
+    import jax
+
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without allocator statistics
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return {"peak_mem_bytes": int(stats["peak_bytes_in_use"]), "peak_mem_kind": "device allocator peak"}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mem_bytes": int(rss_kib) * 1024, "peak_mem_kind": "process max RSS (CPU backend)"}
+
+
+def compiled_flops(compiled) -> float | None:
+    """XLA's FLOP count of a compiled computation (None where the backend gives none)."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    return float(ca["flops"])
+
+
+def matmul_peak_flops(dtype="float32", n: int | None = None, seconds: float = 2.0) -> dict:
+    """Achievable matmul FLOP/s on device 0, measured now: the MFU denominator.
+
+    A square n x n matmul repeated inside one jit (so dispatch does not count), in `dtype`; n
+    defaults to 8192 on accelerators and 1024 on CPU.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    dev = jax.devices()[0]
+    if n is None:
+        n = 1024 if dev.platform == "cpu" else 8192
+    reps = 4 if dev.platform == "cpu" else 16
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+
+    @jax.jit
+    def f(a, b):
+        def body(i, acc):
+            return acc + jnp.dot(a + acc[0, 0].astype(dtype), b, preferred_element_type=jnp.float32).astype(dtype)
+        return jax.lax.fori_loop(0, reps, body, jnp.zeros((n, n), dtype))
+
+    f(a, b).block_until_ready()
+    times = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"matmul_peak_flops": 2.0 * n**3 * reps / best, "matmul_peak_n": n, "matmul_peak_dtype": str(dtype)}

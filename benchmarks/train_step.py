@@ -1,0 +1,160 @@
+"""Training-step throughput of a config: pairs/s, XLA-counted FLOPs per step, MFU and peak memory.
+
+    python benchmarks/train_step.py --config=configs/pretrain.py --batch=4 --crop=224 --steps=5
+    python benchmarks/train_step.py --config=configs/pretrain.py:official,cud --batch=256 --dtype=bfloat16 --steps=20
+
+The step is the trainer's update (defusion_jax.train: the task's loss_fn, value_and_grad, optax
+update, gradient and parameter norms), jitted with the train state donated, on device 0. Batches
+are made once and kept on the device, and `--steps` steps are dispatched back to back with a single
+synchronisation at the end, so the figure is the device's, without host or input-pipeline stalls
+(the input pipeline is measured by the trainer's own logs: it prefetches with worker threads).
+
+  --kind single  a single-modal CUD + MFM batch (clean images; the views are drawn on device)
+  --kind multi   a multi-modal MCUD batch (IR/visible pairs) against two frozen ViT teachers; without
+                 converted teachers in the config, random ViT-B/16 teachers of the real size are used
+MFU = flops_per_step * steps/s / matmul peak, where the peak is measured on the same device, in the
+compute dtype, in the same run (so it is the achievable, not the datasheet, peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import _common
+
+
+def load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    p = Path(path)
+    if not p.is_absolute():
+        p = _common.ROOT / p
+    if not p.exists():
+        raise SystemExit(f"error: config file {path} not found")
+    mod_spec = importlib.util.spec_from_file_location(f"bench_config_{p.stem}", p)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/pretrain.py", help="config file[:args]")
+    ap.add_argument("--batch", type=int, default=4, help="global batch (pairs)")
+    ap.add_argument("--crop", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of --steps steps; the median is kept")
+    ap.add_argument("--dtype", default=None, help="config.compute_dtype override (float32 / bfloat16)")
+    ap.add_argument("--remat", action="store_true", help="config.remat = True")
+    ap.add_argument("--kind", choices=("single", "multi"), default="single")
+    ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement (no MFU)")
+    ap.add_argument("--xla-flags", default="")
+    args = ap.parse_args(argv)
+    flags = _common.set_xla_flags(args.xla_flags)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    try:
+        from defusion_jax import train as trainer
+        from defusion_jax.tasks import get_task
+    except ImportError as e:
+        print(f"error: the trainer (defusion_jax/train.py, defusion_jax/tasks/) is not importable here: {e}",
+              file=sys.stderr)
+        return 2
+
+    _common.enable_compilation_cache()
+    config = load_config(args.config)
+    config.batch_size, config.image_size = args.batch, args.crop
+    if args.dtype:
+        config.compute_dtype = args.dtype
+    if args.remat:
+        config.remat = True
+    if args.kind == "single":
+        config.mm_ratio = 0.0
+    else:
+        config.mm_ratio = 1.0
+        if not (config.teacher.get("smoke") or {}):
+            from pathlib import Path as _P
+
+            if not all(config.teacher.get(r) and _P(config.teacher.get(r)).exists() for r in ("visible", "infrared")):
+                # random teachers of the real size: the cost of the step does not depend on the weights
+                config.teacher.smoke = dict(width=int(config.model.get("teacher_dim", 768)), depth=12,
+                                            heads=12, mlp_dim=4 * int(config.model.get("teacher_dim", 768)))
+    record = {"benchmark": "train_step", "config": args.config, "kind": args.kind, "batch": args.batch,
+              "crop": args.crop, "compute_dtype": str(config.get("compute_dtype", "float32")),
+              "remat": bool(config.get("remat", False)), "loadavg_start": _common.loadavg()}
+    record.update(_common.host_info())
+    record["xla_flags"] = flags
+
+    task = get_task(config.task)(config, None)
+    tx, lr_fn = trainer.build_optimizer(config)
+    frozen = jax.device_put(task.load_frozen())
+
+    def init_state(rng_init, rng_loop):
+        params = task.init_params(rng_init)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(rng_loop)}
+
+    # The update of defusion_jax.train.train_and_evaluate (one device).
+    def train_step(state, frozen, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state["params"], frozen, batch, rng, step)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                       lr=lr_fn(step))
+        return {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}, metrics
+
+    state = jax.jit(init_state)(*jax.random.split(jax.random.key(0)))
+    record["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.crop, args.crop, 3)
+    if args.kind == "single":
+        batch = {"image": rng.random(shape, dtype=np.float32)}
+    else:
+        batch = {"ir": rng.random(shape, dtype=np.float32), "vi": rng.random(shape, dtype=np.float32)}
+    batch = jax.device_put(batch)
+
+    step_fn = jax.jit(train_step, donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, frozen, batch).compile()
+    record["compile_s"] = round(time.perf_counter() - t0, 1)
+    flops = _common.compiled_flops(compiled)
+    record["flops_per_step"] = flops
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready(metrics)
+    record["loss_after_warmup"] = float(metrics["loss"])
+
+    runs = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready((state, metrics))
+        runs.append((time.perf_counter() - t0) / args.steps)
+    step_s = _common.median(runs)
+    record["step_ms"] = round(step_s * 1e3, 2)
+    record["step_ms_spread"] = [round(min(runs) * 1e3, 2), round(max(runs) * 1e3, 2)]
+    record["pairs_per_s"] = round(args.batch / step_s, 3)
+    if not args.no_peak:
+        dtype = "bfloat16" if "bfloat16" in record["compute_dtype"] else "float32"
+        record.update(_common.matmul_peak_flops(dtype))
+        if flops:
+            record["mfu"] = round(flops / step_s / record["matmul_peak_flops"], 4)
+    record.update(_common.peak_memory())
+    record["loadavg_end"] = _common.loadavg()
+    _common.emit(record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
