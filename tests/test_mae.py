@@ -215,3 +215,91 @@ def test_mae_initialize_matches_maes_scheme():
     assert np.abs(conv).max() <= bound and np.abs(conv).max() > 0.95 * bound
     assert (p["encoder"]["norm"]["scale"] == 1).all() and (p["decoder_embed"]["bias"] == 0).all()
     assert 0.015 < p["encoder"]["cls_token"].std() < 0.025 and 0.015 < p["mask_token"].std() < 0.025
+
+
+# ---- the trainer: smoke run, export, and the exported teacher in the MCUD path ----------------------
+def _need_trainer():
+    """The shared trainer and the pretraining task come with issue 3; until they are in the
+    checkout these tests are PENDING (skipped loudly), not passed."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    missing = [p for p in ("defusion_jax/train.py", "defusion_jax/tasks/__init__.py", "defusion_jax/tasks/pretrain.py",
+                           "configs/pretrain.py") if not (root / p).is_file()]
+    if missing:
+        pytest.skip(f"*** PENDING: the shared trainer (issue 3) is not in this checkout ({', '.join(missing)}) ***")
+
+
+def _config(name, arg):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.mark.slow
+def test_smoke_run_loss_falls_and_its_teacher_trains_mcud(tmp_path):
+    _need_trainer()
+    from defusion_jax import train
+    from defusion_jax.logging_utils import read_metrics
+    from defusion_jax.tasks import mae as mae_task
+
+    c = _config("teacher_mae", "smoke")
+    c.total_steps, c.log_every, c.panel_every, c.ckpt_every = 40, 5, 0, 40
+    c.tensorboard, c.async_checkpoints = False, False
+    res = train.train_and_evaluate(c, str(tmp_path / "mae"))
+    assert res["status"] == "done" and res["checkpoint"] == 40
+    losses = [r["loss"] for r in read_metrics(tmp_path / "mae")]
+    print("MAE smoke losses every 5 steps:", [round(v, 3) for v in losses])
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+
+    # The run exported its encoder; the export CLI writes the same from the checkpoint.
+    teacher = tmp_path / "mae" / mae_task.TEACHER_DIR
+    assert mae_task.main(["--workdir", str(tmp_path / "mae"), "--output", str(tmp_path / "t2")]) == 0
+    m1, p1 = vit.load(teacher, normalize=True)
+    m2, p2 = vit.load(tmp_path / "t2", normalize=True)
+    assert m1 == m2 and m1.width == 64 and m1.normalize
+    jax.tree.map(np.testing.assert_array_equal, p1, p2)
+
+    # config.init from a teacher folder (e.g. the converted ImageNet MAE) sets the encoder; the
+    # warm-up starts at lr 0, so after one step the checkpoint still holds exactly those weights.
+    c1 = _config("teacher_mae", "smoke")
+    c1.init, c1.total_steps, c1.panel_every, c1.tensorboard = str(teacher), 1, 0, False
+    assert train.train_and_evaluate(c1, str(tmp_path / "mae_init"))["status"] == "done"
+    from defusion_jax.checkpoints import load_params_from_workdir
+
+    restarted, _, _ = load_params_from_workdir(tmp_path / "mae_init")
+    jax.tree.map(np.testing.assert_array_equal, restarted["encoder"], p1)
+    # ... and from another MAE workdir, every parameter.
+    model = M.build_mae(c.model.to_dict())
+    again, notes = M.init_from(tmp_path / "mae", model, init(model, (64, 64)))
+    final, _, _ = load_params_from_workdir(tmp_path / "mae")
+    jax.tree.map(np.testing.assert_array_equal, again, final)
+
+    # DeFusion++ pretraining with it as both teachers, every step a multi-modal (MCUD) batch.
+    p = _config("pretrain", "smoke")
+    p.teacher.smoke = {}
+    p.teacher.visible = p.teacher.infrared = str(teacher)
+    p.model.teacher_dim = m1.width
+    p.mm_ratio, p.total_steps, p.log_every, p.panel_every, p.ckpt_every = 1.0, 2, 1, 0, 2
+    p.tensorboard, p.async_checkpoints = False, False
+    res = train.train_and_evaluate(p, str(tmp_path / "mcud"))
+    assert res["status"] == "done"
+    rows = read_metrics(tmp_path / "mcud")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["mcud/unique"]) and r["mcud/unique"] > 0 for r in rows)
+
+
+def test_export_cli_bad_workdir_exits_2(tmp_path, capsys):
+    _need_trainer()
+    from defusion_jax.tasks import mae as mae_task
+
+    assert mae_task.main(["--workdir", str(tmp_path / "nothing"), "--output", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "nothing" in err[0]
+    assert not (tmp_path / "t").exists()
