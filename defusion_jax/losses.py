@@ -61,9 +61,14 @@ def get_recipe(recipe: str | Mapping | Recipe) -> Recipe:
 
 
 # ---- building blocks ---------------------------------------------------------------------------
+def _wide(x: jax.Array) -> jax.Array:
+    """At least float32 (bf16 compute is summed in float32; float64 stays float64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def l1(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """Per-sample mean absolute error (torch `nn.L1Loss` on one sample), float32, shape (B,)."""
-    d = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    """Per-sample mean absolute error (torch `nn.L1Loss` on one sample), shape (B,), >= float32."""
+    d = jnp.abs(_wide(pred) - _wide(target))
     return d.reshape(d.shape[0], -1).mean(axis=1)
 
 
@@ -95,8 +100,7 @@ def _blur(x: jax.Array, w: np.ndarray) -> jax.Array:
 def ssim_map(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5, max_val: float = 1.0,
              eps: float = 1e-12) -> jax.Array:
     """kornia `metrics.ssim` (padding 'same') on NHWC images; returns the per-pixel SSIM map."""
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
+    a, b = _wide(a), _wide(b)
     c = a.shape[-1]
     c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
     blurred = _blur(jnp.concatenate([a, b, a * a, b * b, a * b], axis=-1), gaussian_window(window, sigma))

@@ -1,0 +1,187 @@
+"""What a training run tells people: console progress, metrics.jsonl, TensorBoard, picture panels.
+
+Only process 0 writes files; every process logs to its console. TensorBoard goes through
+tensorboardX (no TensorFlow needed); `tensorboard --logdir WORKDIR/tb` shows scalars and panels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging as logging_std
+import math
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from absl import logging
+from PIL import Image, ImageDraw
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+    """Drop INFO/DEBUG chatter of orbax and grain (hundreds of lines per checkpoint)."""
+
+    NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}")
+
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+    """Keep the console readable: only warnings and errors from orbax and grain."""
+    for handler in logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers:
+        if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+            handler.addFilter(_LibraryInfoFilter())
+    absl_handler = getattr(logging, "get_absl_handler", lambda: None)()
+    if absl_handler is not None and not any(isinstance(f, _LibraryInfoFilter) for f in absl_handler.filters):
+        absl_handler.addFilter(_LibraryInfoFilter())
+
+
+def _jsonable(v):
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+class MetricWriter:
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard scalars and images."""
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), flush_secs=30)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        row.update({k: _jsonable(v) for k, v in values.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float, np.number)) and math.isfinite(float(v)):
+                    self._tb.add_scalar(k, float(v), int(step))
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, int(step), dataformats="HWC")
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, 0)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+        if self._jsonl is not None:
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """Images per second and ETA over the steps since the last report (compile time excluded)."""
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int):
+        self.total, self.batch = total_steps, batch_size
+        self.t_last, self.s_last = None, start_step
+        self.t_start, self.s_start = None, start_step
+        self.paused = 0.0
+
+    def started(self, step: int) -> None:
+        """Call after the first (compiling) step has finished."""
+        self.t_last = self.t_start = time.perf_counter()
+        self.s_last = self.s_start = step
+
+    def pause(self, seconds: float) -> None:
+        """Time spent on checkpoints and panels is not training throughput."""
+        self.paused += seconds
+
+    def report(self, step: int) -> dict:
+        now = time.perf_counter()
+        if self.t_last is None or step <= self.s_last:
+            return {}
+        dt = max(now - self.t_last - self.paused, 1e-9)
+        rate = (step - self.s_last) / dt
+        out = {"img_per_sec": rate * self.batch, "steps_per_sec": rate,
+               "eta_sec": (self.total - step) / rate if rate > 0 else float("nan")}
+        self.t_last, self.s_last, self.paused = now, step, 0.0
+        return out
+
+
+def progress_line(step: int, total: int, metrics: Mapping[str, float], speed: Mapping[str, float],
+                  keys: Sequence[str] = ()) -> str:
+    parts = [f"step {step}/{total}"]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4g}")
+    terms = [f"{k.split('/')[-1]} {metrics[k]:.3g}" for k in keys if k in metrics]
+    if terms:
+        parts.append("(" + ", ".join(terms) + ")")
+    if speed:
+        eta = speed["eta_sec"]
+        eta_s = str(datetime.timedelta(seconds=int(eta))) if math.isfinite(eta) else "?"
+        parts.append(f"{speed['img_per_sec']:.1f} img/s")
+        parts.append(f"ETA {eta_s}")
+    return " | ".join(parts)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img, np.float32)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def image_grid(columns: Mapping[str, np.ndarray], pad: int = 4, label_height: int = 14,
+               min_side: int = 112) -> np.ndarray:
+    """Rows = samples, columns = named (B, H, W, C) images in [0,1] (clamped), titled; uint8 HWC."""
+    names = list(columns)
+    arrays = [to_uint8(columns[n][..., :3] if columns[n].ndim == 4 else columns[n][..., None]) for n in names]
+    zoom = max(1, -(-min_side // min(arrays[0].shape[1:3])))  # small crops (smoke runs) enlarged, pixels kept sharp
+    if zoom > 1:
+        arrays = [a.repeat(zoom, axis=1).repeat(zoom, axis=2) for a in arrays]
+    b, h, w = arrays[0].shape[:3]
+    canvas = Image.new("RGB", (len(names) * (w + pad) + pad, label_height + b * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, (name, arr) in enumerate(zip(names, arrays)):
+        x = pad + j * (w + pad)
+        draw.text((x, 1), name, fill=(0, 0, 0))
+        for i in range(b):
+            canvas.paste(Image.fromarray(arr[i]), (x, label_height + pad + i * (h + pad)))
+    return np.asarray(canvas)
+
+
+def save_panel(workdir: str | os.PathLike, step: int, grid: np.ndarray) -> Path:
+    out = Path(workdir) / "panels"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_{step:07d}.png"
+    Image.fromarray(grid).save(path)
+    return path

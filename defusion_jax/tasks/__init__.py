@@ -1,0 +1,115 @@
+"""Training tasks: what `defusion_jax.train` trains, selected by `config.task`.
+
+The trainer (`defusion_jax/train.py`) owns everything generic: processes and mesh, parameter and
+optimiser shardings, the jitted sharded step with donation, the optimiser and its schedule,
+checkpoints (orbax, with the grain iterator state), resume order, SIGTERM / preemption, the
+non-finite guard, metrics, TensorBoard and picture panels. A task owns the model, its data and its
+loss. To add one, write `defusion_jax/tasks/<name>.py` with a subclass of `Task` assigned to a
+module-level `TASK`, and a config that sets `config.task = "<name>"`; train.py does not change.
+
+The interface (all methods get plain pytrees; nothing here may hold device state between calls):
+
+    class MyTask(Task):
+        def __init__(self, config, mesh): ...            # read config, build flax modules
+        def init_params(self, rng) -> params             # traced under jax.jit (sharded init) and
+                                                         # jax.eval_shape; plain nested dict
+        def model_config(self) -> dict                   # JSON-able; saved as WORKDIR/model_config.json
+        def load_frozen(self) -> pytree                  # host arrays never trained nor checkpointed
+                                                         # (e.g. a teacher); {} if none. Replicated.
+        def make_train_data(self, process_index, process_count) -> grain.IterDataset
+                                                         # endless per-process batches: dicts of numpy
+                                                         # arrays whose leading axis is this process's
+                                                         # share (config.batch_size // process_count)
+        def loss_fn(self, params, frozen, batch, rng, step) -> (loss, metrics)
+                                                         # traced inside the step; batch leaves are
+                                                         # global jax.Arrays sharded over the batch
+                                                         # axis; metrics: dict of scalars
+    optional (defaults below do nothing):
+        def load_init_params(self, path, params_shape) -> params   # config.init (params only)
+        def panel(self, params, frozen, batch, rng) -> {name: (n, H, W, C) images in [0,1]}
+                                                         # traced; shown every config.panel_every steps
+        def evaluate(self, params, frozen, step) -> {name: float}  # host side, every config.eval_every
+        def final_report(self, params, frozen, workdir) -> None     # once, after the last step
+        console_keys: tuple of metric names the progress line shows after the loss
+
+Batches may differ in structure from step to step (the pretraining task mixes single-modal and
+multi-modal batches); the step is compiled once per structure.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+
+class Task:
+    """Base class with the optional hooks; see the module docstring for the contract."""
+
+    console_keys: tuple[str, ...] = ()
+
+    def __init__(self, config, mesh):
+        self.config = config
+        self.mesh = mesh
+
+    # -- required ------------------------------------------------------------------------------
+    def init_params(self, rng):
+        raise NotImplementedError
+
+    def model_config(self) -> dict:
+        raise NotImplementedError
+
+    def make_train_data(self, process_index: int, process_count: int):
+        raise NotImplementedError
+
+    def loss_fn(self, params, frozen, batch, rng, step):
+        raise NotImplementedError
+
+    # -- optional ------------------------------------------------------------------------------
+    def load_frozen(self) -> Any:
+        return {}
+
+    def load_init_params(self, path: str, params_shape: Any):
+        """Default: parameters of a training workdir, a converted params folder or anything
+        `defusion_jax.api.load_model` reads; the tree must match `params_shape` exactly."""
+        from defusion_jax.api import load_model
+
+        return check_same_structure(load_model(path).params, params_shape, path)
+
+    def panel(self, params, frozen, batch, rng) -> Mapping[str, Any] | None:
+        return None
+
+    def evaluate(self, params, frozen, step: int) -> Mapping[str, float]:
+        return {}
+
+    def final_report(self, params, frozen, workdir: str) -> None:
+        return None
+
+
+def check_same_structure(params, params_shape, source: str = "init"):
+    import jax
+
+    got = jax.tree_util.tree_structure(params)
+    want = jax.tree_util.tree_structure(params_shape)
+    if got != want:
+        raise ValueError(f"{source}: parameter tree does not match the model being trained")
+    bad = [f"{a.shape} vs {b.shape}" for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_shape))
+           if tuple(a.shape) != tuple(b.shape)]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} parameter shapes differ from the model, e.g. {bad[0]}")
+    return params
+
+
+def get_task(name: str) -> type[Task]:
+    """The Task class (module-level `TASK`) of `defusion_jax.tasks.<name>`, or of the module `name`
+    itself when it is not one of ours (tasks kept outside the package: 'myproject.tasks.foo')."""
+    for module_name in (f"defusion_jax.tasks.{name}", name):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module_name.startswith(e.name):
+                continue  # this candidate does not exist; a missing import *inside* it is re-raised
+            raise
+        if not hasattr(module, "TASK"):
+            raise ValueError(f"task module {module_name} defines no TASK")
+        return module.TASK
+    raise ValueError(f"unknown task {name!r}: no module defusion_jax/tasks/{name}.py (nor an importable {name!r})")

@@ -1,0 +1,394 @@
+"""The trainer: one function, read top to bottom, shared by every task (`defusion_jax/tasks/`).
+
+Sections, in order: logging -> mesh -> task and input pipeline -> model and optimiser shapes ->
+shardings -> restore or sharded init -> update step -> train loop. What is trained (model, data,
+loss, pictures) comes from `config.task`; see `defusion_jax/tasks/__init__.py` for that interface.
+
+Guarantees:
+- Parameters are created directly with their shardings (jit of the init with out_shardings), the
+  step is `jax.jit` with explicit in/out shardings and the train state donated.
+- Per-step randomness is `fold_in(rng, step)`; the data iterator state is checkpointed with the
+  train state, so an interrupted run continues exactly (same batches, same parameters).
+- Resume order: WORKDIR's latest checkpoint -> `config.resume` (another run) -> `config.init`
+  (parameters only) -> from scratch. Re-running the same command after an interruption resumes.
+- SIGTERM (single process) or a JAX preemption notice (multi-process, TPU pods) -> checkpoint at
+  the current step and return with status 'preempted'.
+- A non-finite loss, gradient norm or parameter norm raises `NonFiniteLoss` with the step range;
+  checkpoints are only written after every step up to theirs was seen finite, so the last one is good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from defusion_jax import checkpoints, logging_utils
+from defusion_jax import sharding as sh
+from defusion_jax.data import pipeline
+from defusion_jax.tasks import get_task
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; the message names the steps."""
+
+
+class ConfigError(ValueError):
+    """The run cannot start as configured (batch size, mesh, data, teacher...); one-line message."""
+
+
+@contextlib.contextmanager
+def _startup(what: str):
+    """Turn configuration mistakes found while setting up `what` into one-line ConfigErrors."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:  # DataError, TeacherError, bad mesh or batch size, unknown names
+        raise ConfigError(f"{what}: {e}") from None
+
+
+# ---- optimiser -----------------------------------------------------------------------------------
+def learning_rate_fn(schedule, total_steps: int):
+    """Step-wise learning rate: warm-up, then `base_lr` multiplied by `gamma` at each milestone.
+
+    Milestones are fractions of the run (0.667 = after two thirds), like the epoch milestones of the
+    reference MultiStepLR schedules, so they follow `--config.total_steps`.
+    """
+    base = float(schedule.base_lr)
+    bounds = {int(round(float(m) * total_steps)): float(schedule.get("gamma", 0.5))
+              for m in schedule.get("milestones", ())}
+    fn = optax.piecewise_constant_schedule(base, {b: g for b, g in bounds.items() if 0 < b})
+    warmup = int(schedule.get("warmup_steps", 0))
+    if warmup:
+        fn = optax.join_schedules([optax.linear_schedule(0.0, base, warmup), fn], [warmup])
+    return fn
+
+
+def build_optimizer(config):
+    """Adam (the paper's and the official optimiser) with optional weight decay and clipping."""
+    o = config.optimizer
+    lr = learning_rate_fn(config.schedule, int(config.total_steps))
+    if o.name not in ("adam", "adamw"):
+        raise ValueError(f"optimizer must be 'adam' or 'adamw', got {o.name!r}")
+    if o.name == "adamw":
+        tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    else:
+        tx = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    if o.get("grad_clip_norm"):
+        tx = optax.chain(optax.clip_by_global_norm(float(o.grad_clip_norm)), tx)
+    return tx, lr
+
+
+# ---- small helpers -------------------------------------------------------------------------------
+class _StopFlag:
+    """Set by SIGTERM/SIGINT in a single-process run; checked once per step."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for s in (signal.SIGTERM,):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        logging.warning("received signal %d: will checkpoint after the current step and stop", signum)
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _global_batch(batch, mesh):
+    """This process's rows -> global jax.Arrays sharded over the batch axes."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, x.ndim), x), batch)
+
+
+def batch_checksum(batch) -> jax.Array:
+    """An order-sensitive fingerprint of a batch, logged so runs can prove they saw the same data."""
+    total = 0.0
+    for i, x in enumerate(jax.tree.leaves(batch)):
+        rows = x.reshape(x.shape[0], -1).astype(jnp.float32).mean(axis=1)
+        total = total + (i + 1) * jnp.sum(rows * (1.0 + jnp.arange(x.shape[0], dtype=jnp.float32)))
+    return total
+
+
+def _mean_metrics(pending):
+    """Average the scalars of several steps (keys absent in some steps average where present)."""
+    sums, counts = {}, {}
+    for _, m in pending:
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def _check_finite(pending, last_good: int, ckpt_step):
+    for step, m in pending:
+        # params_finite: the update of step s can overflow while its loss (computed before it) is finite
+        bad = [k for k in ("loss", "grad_norm") if k in m and not math.isfinite(float(m[k]))]
+        if "params_finite" in m and not bool(m["params_finite"]):
+            bad.append("parameters")
+        if bad:
+            raise NonFiniteLoss(f"{'/'.join(bad)} became non-finite between step {last_good} (last checked "
+                                f"finite) and step {step}; stopped. Last good checkpoint: "
+                                f"{'step ' + str(ckpt_step) if ckpt_step is not None else 'none'}")
+
+
+# Config fields that only steer the host side (data files, logging and checkpoint cadence, where to
+# resume from): runs that differ only in these reuse one another's traced and compiled functions
+# within a process (tests, notebooks), which saves a minute of tracing and compiling per run on CPU.
+HOST_ONLY_FIELDS = ("data", "stop_after", "log_every", "ckpt_every", "keep_checkpoints", "async_checkpoints",
+                    "tensorboard", "resume", "init", "eval_every", "panel_every")
+_PROGRAMS: dict[str, dict] = {}
+
+
+def _programs_for(config, mesh) -> dict:
+    fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    key = json.dumps({k: v for k, v in fields.items() if k not in HOST_ONLY_FIELDS}, sort_keys=True, default=str)
+    key += repr((mesh.axis_names, tuple(mesh.shape.values()), [d.id for d in mesh.devices.flat], mesh.axis_types,
+                 jax.config.read("jax_disable_most_optimizations")))
+    return _PROGRAMS.setdefault(key, {})
+
+
+def _memo(programs: dict, name: str, build):
+    if name not in programs:
+        programs[name] = build()
+    return programs[name]
+
+
+def _ordered_panel(task, out_sharding):
+    """`task.panel` jitted, returning {name: host array} in the task's column order (a jitted dict
+    comes back with sorted keys; the order of a picture's columns is part of what it says)."""
+    names: dict[tuple, list[str]] = {}
+
+    def columns(params, frozen, batch, rng):
+        cols = task.panel(params, frozen, batch, rng) or {}
+        names[tuple(sorted(batch))] = list(cols)
+        return [cols[k] for k in cols]
+
+    fn = jax.jit(columns, out_shardings=out_sharding)
+
+    def run(params, frozen, batch, rng):
+        arrays = jax.device_get(fn(params, frozen, batch, rng))
+        return dict(zip(names[tuple(sorted(batch))], arrays))
+
+    return run
+
+
+def _cfg_get(config, key, default=None):
+    return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train `config.task` into `workdir`; returns {'status', 'step', 'checkpoint', 'workdir'}."""
+    fast_compile_before = jax.config.read("jax_disable_most_optimizations")
+    if _cfg_get(config, "fast_compile", False):  # small runs are dominated by XLA compile time
+        jax.config.update("jax_disable_most_optimizations", True)
+    logging_utils.quiet_library_logs()
+    try:
+        return _train(config, workdir)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", fast_compile_before)
+
+
+def _train(config, workdir) -> dict:
+    # ================================ Logging ====================================================
+    workdir = Path(workdir).absolute()
+    pidx, pcount = jax.process_index(), jax.process_count()
+    sh.log_topology()
+    if pidx == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n"
+                                             if hasattr(config, "to_json_best_effort") else json.dumps(dict(config)))
+    writer = logging_utils.MetricWriter(workdir, enabled=pidx == 0, tensorboard=_cfg_get(config, "tensorboard", True))
+    total = int(config.total_steps)
+
+    # ================================ Mesh =======================================================
+    with _startup("mesh"):
+        mesh = sh.make_mesh(config.mesh, _cfg_get(config, "mesh_axis_types", "auto"))
+        if int(config.batch_size) % pcount:
+            raise ValueError(f"batch size {config.batch_size} does not split over {pcount} processes")
+        per_device = sh.batch_size_per_device(mesh, int(config.batch_size))
+    logging.info("mesh %s (%s axes), global batch %d = %d per device", dict(mesh.shape),
+                 _cfg_get(config, "mesh_axis_types", "auto"), config.batch_size, per_device)
+    repl = sh.replicated(mesh)
+
+    # ================================ Task and input pipeline ====================================
+    with _startup("task"):
+        task = get_task(config.task)(config, mesh)
+    with _startup("data"):
+        train_iter = iter(task.make_train_data(pidx, pcount))
+
+    # ================================ Model and optimiser shapes =================================
+    with _startup("optimizer"):
+        tx, lr_fn = build_optimizer(config)
+    rng_init, rng_loop = jax.random.split(jax.random.key(int(config.seed)))
+
+    def init_state(rng_init, rng_loop):
+        params = task.init_params(rng_init)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(rng_loop)}
+
+    programs = _programs_for(config, mesh)  # traced/compiled functions shared by identical runs
+    state_shape = _memo(programs, "state_shape", lambda: jax.eval_shape(init_state, rng_init, rng_loop))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape["params"]))
+    logging.info("model: %s trainable parameters", f"{n_params:,}")
+    writer.text("config", "```\n" + str(config) + "\n```")
+
+    # ================================ Shardings ==================================================
+    state_sharding = sh.tree_shardings(state_shape, mesh, _cfg_get(config, "sharding_rules", ((".*", "replicate"),)),
+                                       fsdp_axis=_cfg_get(config, "fsdp_axis", "data"),
+                                       fsdp_min_size=int(_cfg_get(config, "fsdp_min_size", 2**16)))
+    for line in sh.describe_shardings(state_shape["params"], state_sharding["params"]):
+        logging.info("sharded param: %s", line)
+    with _startup("frozen parameters"):
+        frozen = jax.device_put(task.load_frozen(), repl)  # replicated, never optimised nor saved
+    abstract_state = jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd),
+                                  state_shape, state_sharding)
+
+    # ================================ Restore or sharded init ====================================
+    ckpt = checkpoints.Checkpointer(workdir / checkpoints.CKPT_DIR, every=int(config.ckpt_every),
+                                    keep=int(_cfg_get(config, "keep_checkpoints", 3)),
+                                    async_save=bool(_cfg_get(config, "async_checkpoints", True)))
+    with jax.set_mesh(mesh):
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(ckpt.latest_step(), abstract_state, train_iter)
+            origin = f"resumed {workdir} at step {ckpt.latest_step()}"
+        elif _cfg_get(config, "resume"):
+            src_dir, src_step = checkpoints.locate(config.resume)
+            src = checkpoints.Checkpointer(src_dir, read_only=True)
+            src_step = src.latest_step() if src_step is None else src_step
+            state = src.restore(src_step, abstract_state, train_iter)
+            src.close()
+            origin = f"resumed from config.resume={config.resume} at step {src_step}"
+        else:
+            init_fn = _memo(programs, "init", lambda: jax.jit(init_state, out_shardings=state_sharding))
+            state = init_fn(rng_init, rng_loop)
+            origin = "initialised from scratch"
+            if _cfg_get(config, "init"):
+                params = task.load_init_params(config.init, state_shape["params"])
+                state["params"] = jax.device_put(jax.tree.map(np.asarray, params), state_sharding["params"])
+                origin = f"parameters from config.init={config.init}"
+    first_step = int(jax.device_get(state["step"]))
+    logging.info("%s", origin)
+    if pidx == 0:
+        checkpoints.write_model_config(workdir, task.model_config(), {"task": config.task, "source": str(workdir)})
+
+    # ================================ Update step ================================================
+    def train_step(state, frozen, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+            state["params"], frozen, batch, rng, step)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params), lr=lr_fn(step))
+        metrics["data/checksum"] = batch_checksum(batch)
+        # (param_norm itself can overflow for finite weights near 1e19; count what is not finite)
+        metrics["params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+        return {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}, metrics
+
+    batch_in = sh.batch_sharding(mesh)  # prefix sharding: leading axis of every batch leaf
+    step_fn = _memo(programs, "step", lambda: jax.jit(train_step, in_shardings=(state_sharding, repl, batch_in),
+                                                      out_shardings=(state_sharding, repl), donate_argnums=(0,)))
+    panel_every = int(_cfg_get(config, "panel_every", 0))
+    panel_fn = _memo(programs, "panel", lambda: _ordered_panel(task, repl)) if panel_every else None
+
+    # ================================ Train loop =================================================
+    log_every = max(int(_cfg_get(config, "log_every", 50)), 1)
+    eval_every = int(_cfg_get(config, "eval_every", 0))
+    stop_after = int(_cfg_get(config, "stop_after", 0) or 0)
+    ckpt_every = max(int(config.ckpt_every), 0)  # 0: only at the end (and on preemption)
+    stop = _StopFlag()
+    if pcount == 1:  # multi-process jobs get SIGTERM through JAX's preemption notice (below)
+        stop.install()
+    progress = logging_utils.Progress(total, int(config.batch_size), first_step)
+    pending, last_checked, status = [], first_step, "done"
+    step = first_step
+    if first_step >= total:
+        logging.info("nothing to do: step %d >= total_steps %d", first_step, total)
+    try:
+        for step in range(first_step + 1, total + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = _global_batch(next(train_iter), mesh)
+                with jax.set_mesh(mesh):
+                    state, metrics = step_fn(state, frozen, batch)
+            pending.append((step, metrics))
+            if step == first_step + 1:
+                jax.block_until_ready(metrics)
+                logging.info("first step done (compiled) at step %d", step)
+                progress.started(step)
+
+            preempted = stop.signum is not None or ckpt.reached_preemption(step)
+            last = step == total or (stop_after and step - first_step >= stop_after)
+            saving = (ckpt_every and step % ckpt_every == 0) or last or preempted
+            if step % log_every == 0 or saving:
+                pending = [(s, jax.device_get(m)) for s, m in pending]
+                _check_finite(pending, last_checked, ckpt.latest_step())
+                last_checked = step
+                if step % log_every == 0 or last:
+                    values = _mean_metrics(pending)
+                    values["data/skipped_images"] = pipeline.skipped_files()
+                    speed = progress.report(step)
+                    values.update(speed)
+                    writer.scalars(step, values)
+                    logging.info("%s", logging_utils.progress_line(step, total, values, speed, task.console_keys))
+                    pending = []
+            if panel_fn is not None and (step % panel_every == 0 or last):  # every process runs it
+                t0 = time.perf_counter()
+                with jax.set_mesh(mesh):
+                    cols = panel_fn(state["params"], frozen, batch,
+                                    jax.random.fold_in(jax.random.key(int(config.seed) + 1), step))
+                if pidx == 0 and cols:
+                    grid = logging_utils.image_grid(cols)
+                    logging_utils.save_panel(workdir, step, grid)
+                    writer.image(step, "panel", grid)
+                progress.pause(time.perf_counter() - t0)
+            if eval_every and (step % eval_every == 0 or last):
+                t0 = time.perf_counter()
+                ev = task.evaluate(state["params"], frozen, step)
+                if ev:
+                    writer.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
+                    logging.info("eval at step %d: %s", step, ev)
+                progress.pause(time.perf_counter() - t0)
+            if saving:
+                t0 = time.perf_counter()
+                ckpt.save(step, state, train_iter, force=True)
+                progress.pause(time.perf_counter() - t0)
+            if preempted:
+                ckpt.wait()
+                status = "preempted"
+                logging.warning("stopped at step %d after a termination signal; checkpoint saved. Run the same "
+                                "command again to resume.", step)
+                break
+            if last and step != total:
+                status = "stopped"
+                logging.info("stop_after=%d reached at step %d; checkpoint saved", stop_after, step)
+                break
+        else:
+            if first_step < total:
+                task.final_report(state["params"], frozen, str(workdir))
+    finally:
+        stop.restore()
+        ckpt.close()
+        writer.close()
+    return {"status": status, "step": step, "checkpoint": ckpt.latest_step(), "workdir": str(workdir)}

@@ -1,0 +1,245 @@
+"""End-to-end training: the smoke config trained in this process (so every run after the first
+reuses the traced and compiled step), and the command line for start-up errors.
+
+Runs share one workdir layout: `smoke` trains 60 steps (checkpoints every 8 steps); the resume,
+SIGTERM and overfit tests restart from or compare against it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from defusion_jax import checkpoints, logging_utils, train
+from defusion_jax.tasks import Task
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "defusion_jax" / "sample_data"
+
+
+def smoke_config(**overrides):
+    from configs.pretrain import get_config
+
+    c = get_config("smoke")
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split("__")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def train_here(workdir, **overrides):
+    return train.train_and_evaluate(smoke_config(**overrides), str(workdir))
+
+
+def main_cmd(workdir, *overrides, config="configs/pretrain.py:smoke"):
+    return [sys.executable, "-m", "defusion_jax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def main_env(**extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def run_main(workdir, *overrides, expect_rc=0, timeout=600, config="configs/pretrain.py:smoke"):
+    r = subprocess.run(main_cmd(workdir, *overrides, config=config), cwd=REPO, env=main_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == expect_rc, f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def steps_logged(workdir, key):
+    return {row["step"]: row[key] for row in logging_utils.read_metrics(workdir) if key in row}
+
+
+def same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+# Every run of the smoke model shares these so that its programs are compiled once per session.
+QUIET = dict(log_every=1, panel_every=0, ckpt_every=1000)
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    """The smoke config, 60 steps, metrics every step, a checkpoint every 8 steps."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    t0 = time.time()
+    result = train_here(workdir, log_every=1, ckpt_every=8, keep_checkpoints=10)
+    return workdir, result, time.time() - t0
+
+
+def test_smoke_run_trains_logs_and_checkpoints(smoke, caplog):
+    workdir, result, seconds = smoke
+    assert result["status"] == "done" and result["step"] == 60
+    rows = logging_utils.read_metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    single = [row["loss/single"] for row in rows if "loss/single" in row]
+    assert np.mean(single[-5:]) < 0.5 * np.mean(single[:5]), single  # the loss falls
+    assert sum("loss/multi" in row for row in rows) == 15, "a quarter of the batches are multi-modal (MCUD)"
+    for key in ("img_per_sec", "eta_sec", "grad_norm", "lr", "data/checksum", "cud/common", "cud/fused_l1",
+                "mfm/recon", "mcud/unique", "mcud/common", "views/common_frac"):
+        assert any(key in row for row in rows), key
+    assert sorted(p.name for p in (workdir / "panels").glob("*.png")) == ["step_0000030.png", "step_0000060.png"]
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == \
+        [8, 16, 24, 32, 40, 48, 56, 60]
+    cfg = json.loads((workdir / "model_config.json").read_text())
+    assert cfg["model"]["multimodal"] is True and "dtype" not in cfg["model"]
+    print(f"smoke run in-process: {seconds:.1f} s wall including compilation")
+
+
+def test_load_model_reads_the_trained_params(smoke):
+    from defusion_jax.api import load_model
+
+    workdir = smoke[0]
+    m = load_model(workdir)
+    assert m.meta["step"] == 60
+    params_60 = checkpoints.load_params_from_workdir(workdir / "checkpoints" / "60")[0]
+    same_params(m.params, params_60)
+    params_8 = checkpoints.load_params_from_workdir(workdir / "checkpoints" / "8")[0]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_8), jax.tree.leaves(params_60)))
+    x = np.random.default_rng(0).random((1, 64, 64, 3), np.float32)
+    parts = m.decompose(x, x)
+    assert parts["fused"].shape == (1, 64, 64, 3) and np.all(np.isfinite(np.asarray(parts["fused"])))
+
+
+def test_exact_resume(smoke, tmp_path):
+    """4 steps, a fresh trainer restored from disk, 4 more == the 8 straight steps of the smoke run:
+    the same batches in the same order and bit-identical parameters."""
+    first = train_here(tmp_path, stop_after=4, **QUIET)
+    assert first["status"] == "stopped" and first["checkpoint"] == 4
+    second = train_here(tmp_path, stop_after=4, **QUIET)
+    assert second["step"] == 8
+    straight = steps_logged(smoke[0], "data/checksum")
+    split = steps_logged(tmp_path, "data/checksum")
+    assert [split[s] for s in range(1, 9)] == [straight[s] for s in range(1, 9)], "data order differs"
+    assert set(steps_logged(tmp_path, "loss/multi")) == {s for s in steps_logged(smoke[0], "loss/multi") if s <= 8}
+    same_params(checkpoints.load_params_from_workdir(tmp_path)[0],
+                checkpoints.load_params_from_workdir(smoke[0] / "checkpoints" / "8")[0])
+    assert [steps_logged(tmp_path, "loss")[s] for s in range(1, 9)] == [steps_logged(smoke[0], "loss")[s]
+                                                                         for s in range(1, 9)]
+
+
+def test_sigterm_checkpoints_and_the_same_run_resumes(smoke, tmp_path):
+    caught = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: caught.append(a))  # if the run ended first
+    done = threading.Event()
+
+    def send_sigterm_after_step_3():
+        while not done.is_set():
+            rows = logging_utils.read_metrics(tmp_path)
+            if rows and rows[-1]["step"] >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=send_sigterm_after_step_3, daemon=True)
+    killer.start()
+    try:
+        result = train_here(tmp_path, **QUIET)
+    finally:
+        done.set()
+        killer.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert not caught, "the signal arrived after the run had finished"
+    assert result["status"] == "preempted"
+    stopped = result["step"]
+    assert 3 <= stopped < 60 and result["checkpoint"] == stopped
+    again = train_here(tmp_path, stop_after=2, **QUIET)
+    assert again["step"] == stopped + 2 and again["checkpoint"] == stopped + 2
+    # nothing was lost: the interrupted run continued exactly where the uninterrupted one would be
+    logged = steps_logged(tmp_path, "data/checksum")
+    reference = steps_logged(smoke[0], "data/checksum")
+    assert [logged[s] for s in range(1, stopped + 3)] == [reference[s] for s in range(1, stopped + 3)]
+
+
+def test_overfits_two_images(smoke, tmp_path):
+    """Two fixed images (no crop, jitter or flip): the CUD + MFM loss at least halves in 40 steps."""
+    data = tmp_path / "two"
+    data.mkdir()
+    for f in ("mef/under/House.png", "mff/A/lytro_01.jpg"):
+        (data / Path(f).name).write_bytes((SAMPLE / f).read_bytes())
+    train_here(tmp_path / "run", data__single__path=str(data), data__single__jitter=False,
+               data__single__flip=False, data__scale=(1.0, 1.0), data__ratio=(1.0, 1.0), stop_after=40, **QUIET)
+    single = steps_logged(tmp_path / "run", "loss/single")
+    steps = sorted(single)
+    first, last = np.mean([single[s] for s in steps[:3]]), np.mean([single[s] for s in steps[-3:]])
+    assert last < 0.5 * first, (first, last)
+
+
+class ToyTask(Task):
+    """A 4-weight linear regression: the smallest task the trainer can drive (compiles in a second)."""
+
+    def init_params(self, rng):
+        return {"w": 0.1 * jax.random.normal(rng, (4,))}
+
+    def model_config(self):
+        return {}
+
+    def make_train_data(self, process_index, process_count):
+        import grain
+
+        ds = grain.MapDataset.range(1 << 20).map(lambda i: {"x": np.full((4,), 1.0 + i % 3, np.float32)})
+        return ds.to_iter_dataset().batch(int(self.config.batch_size) // process_count, drop_remainder=True)
+
+    def loss_fn(self, params, frozen, batch, rng, step):
+        return ((batch["x"] @ params["w"] - 1.0) ** 2).mean(), {}
+
+
+TASK = ToyTask  # config.task = "test_train" finds it (tasks may live outside the package)
+
+
+@pytest.mark.parametrize("lr,first_bad", [(1e30, 2), (1e39, 1)])
+def test_non_finite_loss_stops_with_the_step_range(tmp_path, lr, first_bad):
+    """Loss (lr 1e30: the weights reach 1e30, the next loss overflows) or parameters (lr 1e39: the
+    first update overflows) become non-finite: the run stops naming the steps, and every checkpoint
+    left behind holds finite parameters."""
+    c = smoke_config(task="test_train", stop_after=0, log_every=1, panel_every=0, ckpt_every=1)
+    c.schedule.base_lr = lr
+    with pytest.raises(train.NonFiniteLoss, match=rf"non-finite between step {first_bad - 1} .* and step {first_bad}"):
+        train.train_and_evaluate(c, str(tmp_path))
+    steps = checkpoints.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()
+    assert steps == list(range(1, first_bad))
+    for step in steps:
+        params = checkpoints.read_state_numpy(tmp_path / "checkpoints" / str(step), "params")
+        assert np.all(np.isfinite(params["w"]))
+
+
+def test_config_errors_are_one_line(tmp_path):
+    """The command line: configuration mistakes end with one 'error: ...' line and exit code 2."""
+    r = run_main(tmp_path / "a", "--config.mesh=(('data', 2),)", expect_rc=2)
+    assert r.stderr.strip().splitlines()[-1].startswith("error: mesh:")
+    r = run_main(tmp_path / "b", "--config.data.single.data_dir=" + str(tmp_path), expect_rc=2,
+                 config="configs/pretrain.py:cud")
+    assert "tfds build coco/2017" in r.stderr.strip().splitlines()[-1]
+    r = run_main(tmp_path / "c", "--config.data.single.kind=folder", f"--config.data.single.path={SAMPLE}",
+                 expect_rc=2, config="configs/pretrain.py")
+    last = r.stderr.strip().splitlines()[-1]
+    assert "teacher not found" in last and "python -m defusion_jax.convert vit" in last and "mm_ratio=0" in last
+
+
+def test_panel_columns_keep_the_task_order():
+    """A jitted dict comes back with sorted keys; the panel must show the task's column order."""
+    class Columns:
+        def panel(self, params, frozen, batch, rng):
+            return {"view": batch["x"], "target": batch["x"] * 0.5, "prediction": batch["x"] + params}
+
+    run = train._ordered_panel(Columns(), None)
+    x = np.ones((1, 2, 2, 3), np.float32)
+    cols = run(np.float32(0.25), {}, {"x": x}, jax.random.key(0))
+    assert list(cols) == ["view", "target", "prediction"]
+    np.testing.assert_allclose(cols["prediction"], 1.25)
