@@ -28,6 +28,8 @@ from pathlib import Path
 
 import ml_collections
 
+from defusion_jax.config_blocks import VIT_TI_MIM, add_trainer_fields, parse_args
+
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "defusion_jax" / "sample_data"
 EPOCH_STEPS_AT_16 = 50_000 // 16  # 3125
 
@@ -38,15 +40,10 @@ SCHEDULES = {
                           warmup_steps=0),
     "official_cud": dict(base_lr=4e-4, milestones=(20 / 50, 40 / 50, 45 / 50, 47 / 50), gamma=0.5, warmup_steps=0),
 }
-# The official DeFusion++ encoder (TinyMIM ViT-T, 6 heads and 12 in the last block).
-VIT_TI_MIM = dict(variant="Ti-mim", eps=1e-6, drop_path=(0.1,) * 11 + (0.0,), posemb="sincos")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = args - {"smoke", "paper", "official", "cud", "fsdp"}
-    if unknown:
-        raise ValueError(f"unknown config arguments {sorted(unknown)}; see configs/pretrain.py")
+    args = parse_args(arg, {"smoke", "paper", "official", "cud", "fsdp"}, "configs/pretrain.py")
     official = "official" in args
 
     c = ml_collections.ConfigDict()
@@ -82,25 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer = dict(name="adam", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
     c.schedule = dict(SCHEDULES[("official_cud" if "cud" in args else "official_mcud") if official else "paper"])
 
-    # ---- devices ------------------------------------------------------------------------------
-    c.mesh = (("data", -1),)  # tuples, so `--config.mesh="(('data', -1),)"` can override them
-    c.mesh_axis_types = "auto"  # 'auto' or 'explicit'
-    c.sharding_rules = ((".*", "fsdp"),) if "fsdp" in args else ((".*", "replicate"),)
-    c.fsdp_axis = "data"
-    c.fsdp_min_size = 2**16
-
-    # ---- checkpoints and logs -----------------------------------------------------------------
-    c.ckpt_every = 2000
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
-    c.resume = ""  # another run's workdir or checkpoint folder (full state), used if WORKDIR has none
-    c.init = ""  # parameters only (workdir, converted folder or official .pth)
-    c.log_every = 50
-    c.panel_every = 1000
-    c.panel_samples = 2
-    c.eval_every = 0
-    c.tensorboard = True
-    c.fast_compile = False  # jax_disable_most_optimizations: ~2x quicker XLA compiles, slower steps
+    # ---- devices, checkpoints and logs (defusion_jax.config_blocks) ----------------------------
+    add_trainer_fields(c, fsdp="fsdp" in args, ckpt_every=2000, log_every=50,
+                       panel_every=1000, eval_every=0)
 
     if "smoke" in args:
         c.batch_size = 4

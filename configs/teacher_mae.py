@@ -21,10 +21,8 @@ channels, as for the student.
 
 Recipe (facebookresearch/mae PRETRAIN.md): ViT-B/16 encoder, decoder 512 wide x 8 blocks x 16
 heads, 75 % masking, normalised-pixel loss, AdamW betas (0.9, 0.95), weight decay 0.05, lr =
-1.5e-4 x batch / 256 after a linear warm-up, RandomResizedCrop(scale 0.2-1) + horizontal flip.
-Differences, from the shared trainer's optimiser (see docs/teacher.md): after the warm-up the
-learning rate is step-decayed (halved at 2/3 and 8/9 of the run) instead of cosine-decayed, and
-weight decay also applies to biases and LayerNorm scales.
+1.5e-4 x batch / 256 after a linear warm-up, then half-cosine decay to 0, no weight decay on biases
+and LayerNorm scales, RandomResizedCrop(scale 0.2-1) + horizontal flip.
 
 The encoder is written to WORKDIR/teacher when the run ends (use it as
 --config.teacher.infrared of configs/pretrain.py); `python -m defusion_jax.tasks.mae --workdir
@@ -37,15 +35,14 @@ from pathlib import Path
 
 import ml_collections
 
+from defusion_jax.config_blocks import add_trainer_fields, parse_args
+
 SAMPLE_IR = Path(__file__).resolve().parents[1] / "defusion_jax" / "sample_data" / "ivf" / "ir"
 FLIR_V2_THERMAL_TRAIN = 10_742  # images in FLIR ADAS v2 images_thermal_train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = args - {"smoke", "imagenet_init", "fsdp"}
-    if unknown:
-        raise ValueError(f"unknown config arguments {sorted(unknown)}; see configs/teacher_mae.py")
+    args = parse_args(arg, {"smoke", "imagenet_init", "fsdp"}, "configs/teacher_mae.py")
 
     c = ml_collections.ConfigDict()
     c.task = "mae"
@@ -72,28 +69,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- optimiser ----------------------------------------------------------------------------
     blr = 1.5e-4 if "imagenet_init" not in args else 0.5e-4
-    c.optimizer = dict(name="adamw", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, grad_clip_norm=0.0)
-    c.schedule = dict(base_lr=blr * c.batch_size / 256, milestones=(2 / 3, 8 / 9), gamma=0.5,
+    c.optimizer = dict(name="adamw", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, grad_clip_norm=0.0,
+                       decay_exempt_1d=True)
+    c.schedule = dict(name="cosine", base_lr=blr * c.batch_size / 256, end_lr=0.0,
                       warmup_steps=c.total_steps // (20 if "imagenet_init" in args else 10))
 
-    # ---- devices ------------------------------------------------------------------------------
-    c.mesh = [("data", -1)]
-    c.mesh_axis_types = "auto"
-    c.sharding_rules = [(".*", "fsdp")] if "fsdp" in args else [(".*", "replicate")]
-    c.fsdp_axis = "data"
-    c.fsdp_min_size = 2**16
-
-    # ---- checkpoints and logs -----------------------------------------------------------------
-    c.ckpt_every = 2000
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
-    c.resume = ""
-    c.init = ""  # the converted ImageNet MAE folder, a timm/MAE checkpoint file or an MAE workdir
-    c.log_every = 50
-    c.panel_every = 2000
-    c.panel_samples = 2
-    c.eval_every = 0
-    c.tensorboard = True
+    # ---- devices, checkpoints and logs (defusion_jax.config_blocks) ----------------------------
+    add_trainer_fields(c, fsdp="fsdp" in args, ckpt_every=2000, log_every=50,
+                       panel_every=2000, eval_every=0)
+    # config.init: the converted ImageNet MAE folder, a timm/MAE checkpoint file or an MAE workdir
 
     if "smoke" in args:
         c.batch_size = 4

@@ -26,7 +26,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,16 +60,31 @@ def _startup(what: str):
 
 # ---- optimiser -----------------------------------------------------------------------------------
 def learning_rate_fn(schedule, total_steps: int):
-    """Step-wise learning rate: warm-up, then `base_lr` multiplied by `gamma` at each milestone.
+    """Learning rate per step: an optional linear warm-up from 0, then `schedule.name`:
 
-    Milestones are fractions of the run (0.667 = after two thirds), like the epoch milestones of the
-    reference MultiStepLR schedules, so they follow `--config.total_steps`.
+    - 'step' (default): `base_lr` multiplied by `gamma` at each milestone, like the MultiStepLR
+      schedules of the reference code. Milestones are fractions of the whole run (0.667 = after two
+      thirds, warm-up included), so they follow `--config.total_steps`.
+    - 'poly': (1 - t)^power decay from `base_lr` to `end_lr` over the steps after the warm-up
+      (mmsegmentation's PolyLR).
+    - 'cosine': cosine decay from `base_lr` to `end_lr` over the steps after the warm-up (MAE).
     """
+    name = str(schedule.get("name", "step"))
     base = float(schedule.base_lr)
-    bounds = {int(round(float(m) * total_steps)): float(schedule.get("gamma", 0.5))
-              for m in schedule.get("milestones", ())}
-    fn = optax.piecewise_constant_schedule(base, {b: g for b, g in bounds.items() if 0 < b})
     warmup = int(schedule.get("warmup_steps", 0))
+    after = max(int(total_steps) - warmup, 1)
+    end = float(schedule.get("end_lr", 0.0))
+    if name == "step":
+        # join_schedules hands the second schedule the steps counted from the warm-up's end
+        bounds = {int(round(float(m) * total_steps)) - warmup: float(schedule.get("gamma", 0.5))
+                  for m in schedule.get("milestones", ())}
+        fn = optax.piecewise_constant_schedule(base, {b: g for b, g in bounds.items() if 0 < b})
+    elif name == "poly":
+        fn = optax.polynomial_schedule(base, end, float(schedule.get("power", 1.0)), after)
+    elif name == "cosine":
+        fn = optax.cosine_decay_schedule(base, after, alpha=end / base if base else 0.0)
+    else:
+        raise ValueError(f"schedule.name must be 'step', 'poly' or 'cosine', got {name!r}")
     if warmup:
         fn = optax.join_schedules([optax.linear_schedule(0.0, base, warmup), fn], [warmup])
     return fn
@@ -83,7 +97,9 @@ def build_optimizer(config):
     if o.name not in ("adam", "adamw"):
         raise ValueError(f"optimizer must be 'adam' or 'adamw', got {o.name!r}")
     if o.name == "adamw":
-        tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+        exempt = o.get("decay_exempt_1d", False)  # MAE/timm: no decay on biases and LayerNorm scales
+        mask = (lambda params: jax.tree.map(lambda x: x.ndim > 1, params)) if exempt else None
+        tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
     else:
         tx = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
     if o.get("grad_clip_norm"):

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch", reason="torch (requirements-dev.txt) builds
 timm = pytest.importorskip("timm", reason="timm (requirements-dev.txt) is the reference ViT")
 
 from defusion_jax.convert import main as convert_main  # noqa: E402
-from defusion_jax.convert_vit import convert_vit, load_checkpoint  # noqa: E402
+from defusion_jax.convert_vit import convert_vit  # noqa: E402
 from defusion_jax.models import vit  # noqa: E402
 from defusion_jax.params_io import CheckpointError, load_params  # noqa: E402
 

@@ -5,7 +5,6 @@ Most CLI behaviour runs with `StubRunner` (pixel-wise mean, no compile); the off
 that they share one compiled function.
 """
 
-import shutil
 import subprocess
 import sys
 

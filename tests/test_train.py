@@ -243,3 +243,20 @@ def test_panel_columns_keep_the_task_order():
     cols = run(np.float32(0.25), {}, {"x": x}, jax.random.key(0))
     assert list(cols) == ["view", "target", "prediction"]
     np.testing.assert_allclose(cols["prediction"], 1.25)
+
+
+def test_learning_rate_schedules_hand_values():
+    """Step milestones count from step 0 (warm-up included); poly and cosine decay after the warm-up."""
+    import ml_collections as mlc
+
+    step = train.learning_rate_fn(mlc.ConfigDict(dict(base_lr=1.0, milestones=(0.5, 0.75), gamma=0.1,
+                                                      warmup_steps=10)), 100)
+    got = [float(step(s)) for s in (0, 5, 10, 49, 50, 74, 75, 99)]
+    np.testing.assert_allclose(got, [0, 0.5, 1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-6, atol=1e-9)
+    poly = train.learning_rate_fn(mlc.ConfigDict(dict(name="poly", base_lr=2.0, end_lr=0.0, power=2.0,
+                                                      warmup_steps=10)), 110)
+    np.testing.assert_allclose([float(poly(s)) for s in (10, 60, 110)], [2.0, 2.0 * 0.5 ** 2, 0.0], atol=1e-6)
+    cos = train.learning_rate_fn(mlc.ConfigDict(dict(name="cosine", base_lr=1.0, end_lr=0.1)), 100)
+    np.testing.assert_allclose([float(cos(s)) for s in (0, 50, 100)], [1.0, 0.55, 0.1], atol=1e-6)
+    with pytest.raises(ValueError, match="schedule.name"):
+        train.learning_rate_fn(mlc.ConfigDict(dict(name="linear", base_lr=1.0)), 10)

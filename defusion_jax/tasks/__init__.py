@@ -113,3 +113,54 @@ def get_task(name: str) -> type[Task]:
             raise ValueError(f"task module {module_name} defines no TASK")
         return module.TASK
     raise ValueError(f"unknown task {name!r}: no module defusion_jax/tasks/{name}.py (nor an importable {name!r})")
+
+
+# ---- re-evaluating a finished workdir (`python -m defusion_jax.tasks.<name> --workdir DIR`) --------
+def restore_for_eval(workdir, task_name: str, edit=None):
+    """(task, replicated params, config, checkpoint meta) of a finished `task_name` run, rebuilt from
+    WORKDIR/config.json and its latest checkpoint; `edit(config)` may change the config first."""
+    import json
+    from pathlib import Path
+
+    import jax
+    import ml_collections
+
+    from defusion_jax import checkpoints
+    from defusion_jax import sharding as sh
+    from defusion_jax.params_io import CheckpointError
+
+    wd = Path(workdir)
+    if not (wd / "config.json").is_file():
+        raise CheckpointError(f"{wd}: no config.json (not a training workdir)")
+    config = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
+    if config.get("task") != task_name:
+        raise CheckpointError(f"{wd}: a {config.get('task')!r} run, not a {task_name!r} run")
+    params, _, meta = checkpoints.load_params_from_workdir(wd)
+    if edit is not None:
+        edit(config)
+    mesh = sh.make_mesh(config.mesh, config.get("mesh_axis_types", "auto"))
+    task = get_task(task_name)(config, mesh)
+    return task, jax.device_put(params, sh.replicated(mesh)), config, meta
+
+
+def workdir_eval_main(argv, prog: str, description: str, evaluate, summary) -> int:
+    """The re-evaluation command of a task: `evaluate(workdir, split)` then print `summary(result)`
+    lines; unusable workdirs, data or splits end with one 'error:' line and exit code 2."""
+    import argparse
+    import sys
+
+    from defusion_jax.data.sources import DataError
+    from defusion_jax.params_io import CheckpointError
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--workdir", required=True, help="a finished training workdir of this task")
+    ap.add_argument("--split", default=None, help="evaluate this split instead of the config's")
+    args = ap.parse_args(argv)
+    try:
+        result = evaluate(args.workdir, args.split)
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in summary(result):
+        print(line)
+    return 0
