@@ -13,6 +13,7 @@ shardings come from the current run.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
 import re
 from pathlib import Path
@@ -114,9 +115,21 @@ def find_model_config(start: Path) -> dict:
     raise CheckpointError(f"{start}: no {MODEL_CONFIG} in this folder or the three above it")
 
 
+class _NoMissingMetadataWarning(logging_std.Filter):
+    """orbax warns that a CheckpointManager step folder has no per-item `_CHECKPOINT_METADATA`
+    when one item is read on its own; nothing is wrong, and users should not be told otherwise."""
+
+    def filter(self, record):
+        return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
 def read_state_numpy(step_dir: Path, subtree: str | None = "params") -> Any:
     """Arrays of a saved `state` item as host numpy (any mesh), optionally one top-level subtree."""
     ckptr = ocp.PyTreeCheckpointer()
+    quiet = _NoMissingMetadataWarning()
+    handlers = logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers
+    for h in handlers:
+        h.addFilter(quiet)
     try:
         meta = ckptr.metadata(step_dir / "state")
         tree = getattr(meta, "item_metadata", meta)
@@ -134,6 +147,8 @@ def read_state_numpy(step_dir: Path, subtree: str | None = "params") -> Any:
         raise CheckpointError(f"{step_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     finally:
         ckptr.close()
+        for h in handlers:
+            h.removeFilter(quiet)
     return restored[subtree] if subtree is not None else restored
 
 
