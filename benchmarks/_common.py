@@ -64,6 +64,14 @@ def emit(record: dict) -> None:
     print(json.dumps(record, sort_keys=False, default=_jsonable), flush=True)
 
 
+def finish(record: dict) -> int:
+    """Close a benchmark: peak memory and the load at the end go into its one JSON line."""
+    record.update(peak_memory())
+    record["loadavg_end"] = loadavg()
+    emit(record)
+    return 0
+
+
 def _jsonable(x):
     try:
         import numpy as np

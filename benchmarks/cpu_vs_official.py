@@ -196,23 +196,7 @@ def ours_train_step(kind: str, batch: int, crop: int, dtype: str, remat: bool):
             task = get_task(config.task)(config, None)
             tx, lr_fn = trainer.build_optimizer(config)
 
-            def init_state(rng_init, rng_loop):
-                params = task.init_params(rng_init)
-                return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                        "rng": jax.random.key_data(rng_loop)}
-
-            # The update of defusion_jax.train.train_and_evaluate, on one device.
-            def train_step(state, frozen, batch):
-                step = state["step"]
-                rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-                (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-                    state["params"], frozen, batch, rng, step)
-                updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-                params = optax.apply_updates(state["params"], updates)
-                metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                               param_norm=optax.global_norm(params), lr=lr_fn(step))
-                return {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}, metrics
-
+            init_state, train_step = trainer.make_step_fns(task, tx, lr_fn)  # the trainer's own update
             state = jax.jit(init_state)(*jax.random.split(jax.random.key(0)))
             step = jax.jit(train_step, donate_argnums=(0,))
             label = ("trainer step (defusion_jax.train update, tasks.pretrain loss_fn, configs/pretrain.py:"

@@ -93,10 +93,7 @@ def main(argv=None):
     dt = time.perf_counter() - t0
     record["batch"] = args.batch
     record["batch_pairs_per_s"] = round(args.batch * args.repeats / dt, 3)
-    record.update(_common.peak_memory())
-    record["loadavg_end"] = _common.loadavg()
-    _common.emit(record)
-    return 0
+    return _common.finish(record)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,7 @@ def main(argv=None):
     flags = _common.set_xla_flags(args.xla_flags)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import optax
 
     try:
         from defusion_jax import train as trainer
@@ -97,22 +95,7 @@ def main(argv=None):
     tx, lr_fn = trainer.build_optimizer(config)
     frozen = jax.device_put(task.load_frozen())
 
-    def init_state(rng_init, rng_loop):
-        params = task.init_params(rng_init)
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(rng_loop)}
-
-    # The update of defusion_jax.train.train_and_evaluate (one device).
-    def train_step(state, frozen, batch):
-        step = state["step"]
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state["params"], frozen, batch, rng, step)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                       lr=lr_fn(step))
-        return {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}, metrics
-
+    init_state, train_step = trainer.make_step_fns(task, tx, lr_fn)  # the trainer's own update (one device)
     state = jax.jit(init_state)(*jax.random.split(jax.random.key(0)))
     record["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))
     rng = np.random.default_rng(0)
@@ -150,10 +133,7 @@ def main(argv=None):
         record.update(_common.matmul_peak_flops(dtype))
         if flops:
             record["mfu"] = round(flops / step_s / record["matmul_peak_flops"], 4)
-    record.update(_common.peak_memory())
-    record["loadavg_end"] = _common.loadavg()
-    _common.emit(record)
-    return 0
+    return _common.finish(record)
 
 
 if __name__ == "__main__":

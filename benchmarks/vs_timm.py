@@ -130,10 +130,7 @@ def main(argv=None):
         if f"timm_{kind}_ms" in record:
             record[f"{kind}_ratio"] = round(record[f"timm_{kind}_ms"] / record[f"ours_{kind}_ms"], 3)
             record[f"ours_{kind}_images_per_s"] = round(args.batch / (record[f"ours_{kind}_ms"] / 1e3), 2)
-    record.update(_common.peak_memory())
-    record["loadavg_end"] = _common.loadavg()
-    _common.emit(record)
-    return 0
+    return _common.finish(record)
 
 
 if __name__ == "__main__":

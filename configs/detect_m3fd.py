@@ -30,21 +30,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from defusion_jax.config_blocks import VIT_TI_MIM, add_trainer_fields, parse_args
+from defusion_jax.config_blocks import VIT_TI_MIM, add_trainer_fields, parse_args, pick_modality
 
 M3FD_TRAIN_PAIRS = 3360  # 80% of 4,200
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_args(arg, {"smoke", "fused", "ir", "vi", "fsdp"}, "configs/detect_m3fd.py")
-    modes = args & {"fused", "ir", "vi"}
-    if len(modes) > 1:
-        raise ValueError(f"pick one of fused / ir / vi, got {sorted(modes)}")
 
     c = ml_collections.ConfigDict()
     c.task = "detect"
     c.seed = 0
-    c.modality = modes.pop() if modes else "fused"
+    c.modality = pick_modality(args)
 
     # ---- run length and batch -------------------------------------------------------------------
     c.batch_size = 4

@@ -24,6 +24,14 @@ def parse_args(arg: str | None, allowed: Iterable[str], config_file: str) -> set
     return args
 
 
+def pick_modality(args: set[str]) -> str:
+    """'fused' (default), or 'ir' / 'vi' for the single-modality baselines of Tables 4 and 5."""
+    modes = args & {"fused", "ir", "vi"}
+    if len(modes) > 1:
+        raise ValueError(f"pick one of fused / ir / vi, got {sorted(modes)}")
+    return modes.pop() if modes else "fused"
+
+
 def add_trainer_fields(c: ml_collections.ConfigDict, *, fsdp: bool, ckpt_every: int, log_every: int,
                        panel_every: int, eval_every: int = 0) -> ml_collections.ConfigDict:
     """Devices, checkpoints and logs as `defusion_jax.train` reads them (defaults for a real run)."""

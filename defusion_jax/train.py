@@ -107,6 +107,33 @@ def build_optimizer(config):
     return tx, lr
 
 
+# ---- the update --------------------------------------------------------------------------------
+def make_step_fns(task, tx, lr_fn):
+    """(init_state, train_step) of a task: the pure functions the trainer jits with its shardings
+    (and `benchmarks/` time as they are)."""
+
+    def init_state(rng_init, rng_loop):
+        params = task.init_params(rng_init)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(rng_loop)}
+
+    def train_step(state, frozen, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+            state["params"], frozen, batch, rng, step)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params), lr=lr_fn(step))
+        metrics["data/checksum"] = batch_checksum(batch)
+        # (param_norm itself can overflow for finite weights near 1e19; count what is not finite)
+        metrics["params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+        return {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}, metrics
+
+    return init_state, train_step
+
+
 # ---- small helpers -------------------------------------------------------------------------------
 class _StopFlag:
     """Set by SIGTERM/SIGINT in a single-process run; checked once per step."""
@@ -258,11 +285,7 @@ def _train(config, workdir) -> dict:
         tx, lr_fn = build_optimizer(config)
     rng_init, rng_loop = jax.random.split(jax.random.key(int(config.seed)))
 
-    def init_state(rng_init, rng_loop):
-        params = task.init_params(rng_init)
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(rng_loop)}
-
+    init_state, train_step = make_step_fns(task, tx, lr_fn)
     programs = _programs_for(config, mesh)  # traced/compiled functions shared by identical runs
     state_shape = _memo(programs, "state_shape", lambda: jax.eval_shape(init_state, rng_init, rng_loop))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape["params"]))
@@ -309,20 +332,6 @@ def _train(config, workdir) -> dict:
         checkpoints.write_model_config(workdir, task.model_config(), {"task": config.task, "source": str(workdir)})
 
     # ================================ Update step ================================================
-    def train_step(state, frozen, batch):
-        step = state["step"]
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-            state["params"], frozen, batch, rng, step)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(params), lr=lr_fn(step))
-        metrics["data/checksum"] = batch_checksum(batch)
-        # (param_norm itself can overflow for finite weights near 1e19; count what is not finite)
-        metrics["params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-        return {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}, metrics
-
     batch_in = sh.batch_sharding(mesh)  # prefix sharding: leading axis of every batch leaf
     step_fn = _memo(programs, "step", lambda: jax.jit(train_step, in_shardings=(state_sharding, repl, batch_in),
                                                       out_shardings=(state_sharding, repl), donate_argnums=(0,)))

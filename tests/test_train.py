@@ -260,3 +260,17 @@ def test_learning_rate_schedules_hand_values():
     np.testing.assert_allclose([float(cos(s)) for s in (0, 50, 100)], [1.0, 0.55, 0.1], atol=1e-6)
     with pytest.raises(ValueError, match="schedule.name"):
         train.learning_rate_fn(mlc.ConfigDict(dict(name="linear", base_lr=1.0)), 10)
+
+
+def test_fuse_cli_takes_the_trained_workdir(smoke, tmp_path, capsys):
+    """What the README's main job does after training: fuse the bundled IR/visible pairs with the
+    workdir (latest checkpoint), decomposition included."""
+    from defusion_jax import fuse
+
+    rc = fuse.main(["--model", str(smoke[0]), "--task", "ivf", "--a", str(SAMPLE / "ivf" / "ir"),
+                    "--b", str(SAMPLE / "ivf" / "vi"), "--out", str(tmp_path / "out"), "--save-decomposition"])
+    assert rc == 0
+    assert "fused 3 pair(s)" in capsys.readouterr().out
+    for stem in ("00004N", "00055D", "FLIR_00306"):
+        for suffix in ("", "_common", "_unique_a", "_unique_b", "_heat_common"):
+            assert (tmp_path / "out" / f"{stem}{suffix}.png").is_file(), stem + suffix

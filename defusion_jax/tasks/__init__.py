@@ -85,6 +85,18 @@ class Task:
         return None
 
 
+def backbone_model_config(config) -> dict:
+    """`config.model` as a plain dict for a downstream model, with `config.remat` applied to the
+    DeFusion++ backbone's ViT encoder (`model.backbone.vit`)."""
+    m = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    m["backbone"] = dict(m.get("backbone") or {})
+    if m["backbone"].get("vit") is not None:
+        m["backbone"]["vit"] = dict(m["backbone"]["vit"])
+        if config.get("remat", False):
+            m["backbone"]["vit"]["remat"] = True
+    return m
+
+
 def check_same_structure(params, params_shape, source: str = "init"):
     import jax
 

@@ -35,7 +35,7 @@ from defusion_jax import sharding as sh
 from defusion_jax.data import m3fd, pipeline
 from defusion_jax.detection import evaluate as E
 from defusion_jax.detection.detector import DeFusionDetector, build_detector
-from defusion_jax.tasks import Task, check_same_structure, restore_for_eval, workdir_eval_main
+from defusion_jax.tasks import Task, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main
 
 REPORT_DIR = "report"
 ROW_NAMES = {"fused": "DeFusion++ (this run)", "ir": "IR only (this run)", "vi": "VIS only (this run)"}
@@ -59,12 +59,7 @@ class DetectTask(Task):
         d = _as_dict(config.data)
         self.class_names = tuple(d.get("class_names") or (m3fd.SYNTHETIC_CLASSES if d.get("kind") == "synthetic"
                                                           else m3fd.CLASSES))
-        m = _as_dict(config.model)
-        m["backbone"] = dict(m.get("backbone") or {})
-        if m["backbone"].get("vit") is not None:
-            m["backbone"]["vit"] = dict(m["backbone"]["vit"])
-            if config.get("remat", False):
-                m["backbone"]["vit"]["remat"] = True
+        m = backbone_model_config(config)
         m["head"] = {**dict(m.get("head") or {}), "num_classes": len(self.class_names)}
         m["modality"] = str(config.modality)
         self._model_cfg = m

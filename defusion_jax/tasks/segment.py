@@ -37,7 +37,7 @@ from defusion_jax.data import msrs_seg, pipeline
 from defusion_jax.models.defusion import DeFusionPP
 from defusion_jax.models.seg_head import DeFusionSeg, build_seg_model
 from defusion_jax.params_io import CheckpointError, flatten, unflatten
-from defusion_jax.tasks import Task, check_same_structure, restore_for_eval, workdir_eval_main
+from defusion_jax.tasks import Task, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main
 
 # (view 1, view 2) fed to the network; view 1 takes the infrared role of pretraining's MCUD.
 MODALITIES = {"fused": ("ir", "vi"), "ir": ("ir", "ir"), "vi": ("vi", "vi")}
@@ -120,12 +120,7 @@ class SegmentTask(Task):
         self.ignore_index = int(config.ignore_index)
         self.crop = tuple(int(s) for s in config.crop_size)
         self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-        m = _as_dict(config.model)
-        m["backbone"] = dict(m.get("backbone") or {})
-        if m["backbone"].get("vit") is not None:
-            m["backbone"]["vit"] = dict(m["backbone"]["vit"])
-            if config.get("remat", False):
-                m["backbone"]["vit"]["remat"] = True
+        m = backbone_model_config(config)
         m["num_classes"] = self.num_classes
         self._model_cfg = m
         self.model: DeFusionSeg = build_seg_model({**m, "dtype": self.dtype})
