@@ -22,10 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from defusion_jax.models.vit import (
-    Block, PatchEmbed, ViT, as_heads, normalize_imagenet, restore_masked_tokens, sincos_table,
-    vit_from_config,
-)
+from defusion_jax.models.vit import Block, ViT, normalize_imagenet, restore_masked_tokens, sincos_table, vit_from_config
 
 MAE_DECODER = dict(width=512, depth=8, heads=16, mlp_dim=2048)  # MAE's ViT-B/L decoder
 
@@ -93,29 +90,8 @@ class MAEEncoder(ViT):
     With `ids_keep=None` it is exactly `ViT(...)(x)["tokens"]`.
     """
 
-    @nn.compact
     def __call__(self, x, ids_keep=None, *, deterministic: bool = True):
-        b, h, w, _ = x.shape
-        if h % self.patch or w % self.patch:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch}")
-        if self.normalize:
-            x = normalize_imagenet(x)
-        x = PatchEmbed(self.width, self.patch, self.dtype, name="patch_embed")(x)
-        gh, gw = h // self.patch, w // self.patch
-        pos = self.position_table(gh, gw).astype(x.dtype)
-        x = x.reshape(b, gh * gw, self.width) + pos[1:]
-        if ids_keep is not None:
-            x = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
-        cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
-        cls = jnp.broadcast_to(cls.astype(x.dtype) + pos[:1], (b, 1, self.width))
-        x = jnp.concatenate([cls, x], axis=1)
-        heads = as_heads(self.heads, self.depth)
-        drops = ((self.drop_path,) * self.depth if isinstance(self.drop_path, (int, float))
-                 else tuple(self.drop_path))
-        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-        for i in range(self.depth):
-            x = block_cls(heads[i], self.mlp_dim, self.eps, drops[i], self.dtype, name=f"blocks_{i}")(x, deterministic)
-        return nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm")(x)
+        return super().__call__(x, deterministic=deterministic, ids_keep=ids_keep)["tokens"]
 
 
 def encoder_from_config(cfg: Mapping[str, Any]) -> MAEEncoder:

@@ -278,7 +278,8 @@ class ViT(nn.Module):
         raise ValueError(f"posemb must be 'sincos' or 'learned', got {self.posemb!r}")
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool = True, return_all: bool = False):
+    def __call__(self, x, *, deterministic: bool = True, return_all: bool = False, ids_keep=None):
+        """`ids_keep` (B, K) int: run on those patches only (MAE's encoder), after their positions."""
         b, h, w, _ = x.shape
         if h % self.patch or w % self.patch:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch}")
@@ -288,6 +289,8 @@ class ViT(nn.Module):
         gh, gw = h // self.patch, w // self.patch
         pos = self.position_table(gh, gw).astype(x.dtype)
         x = x.reshape(b, gh * gw, self.width) + pos[1:]
+        if ids_keep is not None:
+            x = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
         cls = jnp.broadcast_to(cls.astype(x.dtype) + pos[:1], (b, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
