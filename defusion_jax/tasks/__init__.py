@@ -85,10 +85,17 @@ class Task:
         return None
 
 
+def as_dict(cfg) -> dict:
+    """A config block (ConfigDict, mapping or None) as a plain dict."""
+    if cfg is None:
+        return {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
 def backbone_model_config(config) -> dict:
     """`config.model` as a plain dict for a downstream model, with `config.remat` applied to the
     DeFusion++ backbone's ViT encoder (`model.backbone.vit`)."""
-    m = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    m = as_dict(config.model)
     m["backbone"] = dict(m.get("backbone") or {})
     if m["backbone"].get("vit") is not None:
         m["backbone"]["vit"] = dict(m["backbone"]["vit"])

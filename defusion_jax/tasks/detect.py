@@ -35,17 +35,13 @@ from defusion_jax import sharding as sh
 from defusion_jax.data import m3fd, pipeline
 from defusion_jax.detection import evaluate as E
 from defusion_jax.detection.detector import DeFusionDetector, build_detector
-from defusion_jax.tasks import Task, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main
+from defusion_jax.tasks import (
+    Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main,
+)
 
 REPORT_DIR = "report"
 ROW_NAMES = {"fused": "DeFusion++ (this run)", "ir": "IR only (this run)", "vi": "VIS only (this run)"}
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg")
-
-
-def _as_dict(cfg) -> dict:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 class DetectTask(Task):
@@ -56,7 +52,7 @@ class DetectTask(Task):
         self.image_size = tuple(int(s) for s in config.image_size)
         self.max_boxes = int(config.max_boxes)
         self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-        d = _as_dict(config.data)
+        d = as_dict(config.data)
         self.class_names = tuple(d.get("class_names") or (m3fd.SYNTHETIC_CLASSES if d.get("kind") == "synthetic"
                                                           else m3fd.CLASSES))
         m = backbone_model_config(config)
@@ -112,7 +108,7 @@ class DetectTask(Task):
     # ---- data --------------------------------------------------------------------------------
     def source(self, split: str):
         if split not in self._sources:
-            self._sources[split] = m3fd.build_source(_as_dict(self.config.data), split)
+            self._sources[split] = m3fd.build_source(as_dict(self.config.data), split)
         return self._sources[split]
 
     def make_train_data(self, process_index: int, process_count: int):

@@ -31,15 +31,9 @@ from absl import logging
 
 from defusion_jax.models import mae as M
 from defusion_jax.params_io import CheckpointError, flatten
-from defusion_jax.tasks import Task, check_same_structure
+from defusion_jax.tasks import Task, as_dict, check_same_structure
 
 TEACHER_DIR = "teacher"
-
-
-def _as_dict(cfg) -> dict:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 class MAETask(Task):
@@ -50,7 +44,7 @@ class MAETask(Task):
         self.image_size = (int(config.image_size), int(config.image_size))
         self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
         self.norm_pix_loss = bool(config.get("norm_pix_loss", True))
-        model_cfg = _as_dict(config.model)
+        model_cfg = as_dict(config.model)
         model_cfg["encoder"] = dict(model_cfg["encoder"])
         if config.get("remat", False):
             model_cfg["encoder"]["remat"] = True
@@ -81,7 +75,7 @@ class MAETask(Task):
         from defusion_jax.data import pipeline, sources
 
         d = self.config.data
-        train = _as_dict(d.train)
+        train = as_dict(d.train)
         src = sources.build_source(train)
         logging.info("MAE data: %s, %d images", train, len(src))
         return pipeline.make_stream(src, global_batch=int(self.config.batch_size), process_index=process_index,

@@ -26,7 +26,7 @@ from defusion_jax import sharding as sharding_lib
 from defusion_jax import views as V
 from defusion_jax.data import pipeline, sources
 from defusion_jax.models.defusion import DeFusionPP, build_model, init_params
-from defusion_jax.tasks import Task
+from defusion_jax.tasks import Task, as_dict
 
 TEACHER_HELP = (
     "Convert the MAE ViT-B/16 weights once with `python -m defusion_jax.convert vit --input "
@@ -40,12 +40,6 @@ class TeacherError(ValueError):
     """Teacher files missing or unusable; the message says how to make them."""
 
 
-def _as_dict(cfg) -> dict:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
 class PretrainTask(Task):
     console_keys = ("cud/common", "cud/unique1", "cud/unique2", "cud/fused_l1", "mfm/recon",
                     "mcud/unique", "mcud/common")
@@ -57,11 +51,11 @@ class PretrainTask(Task):
             raise ValueError(f"mm_ratio must be in [0, 1], got {self.mm_ratio}")
         self.image_size = (int(config.image_size), int(config.image_size))
         self.recipe = L.get_recipe(config.loss.recipe if isinstance(config.loss.recipe, str)
-                                   else _as_dict(config.loss.recipe))
-        self.view_cfg = V.ViewConfig.from_mapping(_as_dict(config.views))
+                                   else as_dict(config.loss.recipe))
+        self.view_cfg = V.ViewConfig.from_mapping(as_dict(config.views))
         self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
         self.teacher_roles = self._check_teachers() if self.mm_ratio > 0 else {}
-        model_cfg = _as_dict(config.model)
+        model_cfg = as_dict(config.model)
         model_cfg["vit"] = dict(model_cfg.get("vit") or {})
         if config.get("remat", False):
             if not model_cfg["vit"]:
@@ -84,7 +78,7 @@ class PretrainTask(Task):
     # ---- teachers ----------------------------------------------------------------------------
     def _check_teachers(self) -> dict[str, str]:
         t = self.config.teacher
-        if _as_dict(t.get("smoke")):
+        if as_dict(t.get("smoke")):
             return {"infrared": "smoke", "visible": "smoke"}
         roles = {"infrared": t.get("infrared"), "visible": t.get("visible")}
         missing = [f"config.teacher.{r}={p!r}" for r, p in roles.items() if not p or not os.path.exists(p)]
@@ -98,13 +92,13 @@ class PretrainTask(Task):
             return {}
         frozen: dict[str, Any] = {}
         t = self.config.teacher
-        if _as_dict(t.get("smoke")):
+        if as_dict(t.get("smoke")):
             from defusion_jax.models.vit import vit_from_config
 
-            cfg = dict(_as_dict(t.smoke), dtype=self.dtype)
+            cfg = dict(as_dict(t.smoke), dtype=self.dtype)
             module = vit_from_config(cfg)
             logging.warning("using a smoke-only teacher: a tiny RANDOM ViT (%s), not a pretrained MAE; "
-                            "MCUD losses from it mean nothing", _as_dict(t.smoke))
+                            "MCUD losses from it mean nothing", as_dict(t.smoke))
             params = module.init(jax.random.key(int(self.config.seed) + 7),
                                  jnp.zeros((1, *self.image_size, 3)))["params"]
             self.teachers["smoke"] = module
@@ -143,14 +137,14 @@ class PretrainTask(Task):
                       ratio=tuple(d.ratio), num_threads=int(d.num_threads), prefetch=int(d.prefetch))
         streams, weights = {}, {}
         if self.mm_ratio < 1:
-            single = _as_dict(d.single)
+            single = as_dict(d.single)
             src = sources.build_source(single)
             logging.info("single-modal data: %s, %d images", single, len(src))
             streams["single"] = pipeline.make_stream(src, seed=int(self.config.seed), jitter=single.get("jitter", True),
                                                      flip=single.get("flip", True), **common)
             weights["single"] = 1.0 - self.mm_ratio
         if self.mm_ratio > 0:
-            multi = _as_dict(d.multi)
+            multi = as_dict(d.multi)
             src = sources.build_source(multi)
             logging.info("multi-modal data: %s, %d pairs", multi, len(src))
             streams["multi"] = pipeline.make_stream(src, seed=int(self.config.seed) + 1,

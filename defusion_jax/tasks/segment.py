@@ -37,7 +37,9 @@ from defusion_jax.data import msrs_seg, pipeline
 from defusion_jax.models.defusion import DeFusionPP
 from defusion_jax.models.seg_head import DeFusionSeg, build_seg_model
 from defusion_jax.params_io import CheckpointError, flatten, unflatten
-from defusion_jax.tasks import Task, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main
+from defusion_jax.tasks import (
+    Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main,
+)
 
 # (view 1, view 2) fed to the network; view 1 takes the infrared role of pretraining's MCUD.
 MODALITIES = {"fused": ("ir", "vi"), "ir": ("ir", "ir"), "vi": ("vi", "vi")}
@@ -55,12 +57,6 @@ PAPER_TABLE5 = {
 }
 REPORT_DIR = "report"
 _JIT_CACHE: dict = {}
-
-
-def _as_dict(cfg) -> dict:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def cross_entropy_ignore(logits: jax.Array, labels: jax.Array, ignore_index: int = 255):
@@ -126,7 +122,7 @@ class SegmentTask(Task):
         self.model: DeFusionSeg = build_seg_model({**m, "dtype": self.dtype})
         self.init_report: dict | None = None
         self._eval_src = None
-        if not (config.get("init") or config.get("resume") or _as_dict(config.data.get("synthetic"))):
+        if not (config.get("init") or config.get("resume") or as_dict(config.data.get("synthetic"))):
             logging.warning("no --config.init: the backbone starts from random weights, not from DeFusion++ "
                             "pretraining (the paper fine-tunes the pretrained backbone)")
 
@@ -264,7 +260,7 @@ class SegmentTask(Task):
         if jax.process_index() == 0:
             paths = write_report(Path(workdir) / REPORT_DIR, cm, kept, n_images=n, class_names=self.class_names,
                                  modality=self.modality, split=str(self.config.eval.split),
-                                 synthetic=bool(_as_dict(self.config.data.get("synthetic"))),
+                                 synthetic=bool(as_dict(self.config.data.get("synthetic"))),
                                  init_report=self.init_report, step=int(self.config.total_steps))
             s = seg_metrics.scores(cm)
             logging.info("segmentation report (%d images, %.1fs): mIoU %.2f, mAcc %.2f, aAcc %.2f -> %s", n,
@@ -326,7 +322,7 @@ def evaluate_workdir(workdir: str, split: str | None = None) -> dict:
     cm, kept, n = task.run_eval(params, keep=int(config.eval.get("overlays", 6)))
     out = Path(workdir) / (REPORT_DIR if not split else f"{REPORT_DIR}_{split}")
     paths = write_report(out, cm, kept, n_images=n, class_names=task.class_names, modality=task.modality,
-                         split=str(config.eval.split), synthetic=bool(_as_dict(config.data.get("synthetic"))),
+                         split=str(config.eval.split), synthetic=bool(as_dict(config.data.get("synthetic"))),
                          step=meta.get("step"))
     return {"scores": seg_metrics.scores(cm), "paths": paths}
 
