@@ -81,20 +81,27 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     return g / g.sum()
 
 
-def _blur(x: jax.Array, w: np.ndarray) -> jax.Array:
-    """Separable Gaussian over H and W of NHWC `x` (depthwise convolutions), reflect-padded to keep
-    the size, as kornia's filter2d_separable(border_type='reflect')."""
-    k, c = len(w), x.shape[-1]
+def blur_matrix(n: int, w: np.ndarray) -> np.ndarray:
+    """(n, n) matrix M with M @ x = the 1-D filter `w` over x, reflect-padded to keep the length n
+    (kornia's filter2d_separable(border_type='reflect') along one axis)."""
+    k = len(w)
     r = k // 2
-    x = jnp.pad(x, ((0, 0), (r, k - 1 - r), (r, k - 1 - r), (0, 0)), mode="reflect")
-    dn = ("NHWC", "HWIO", "NHWC")
-    kern = jnp.asarray(w, x.dtype)
-    x = jax.lax.conv_general_dilated(x, jnp.tile(kern.reshape(k, 1, 1, 1), (1, 1, 1, c)), (1, 1), "VALID",
-                                     dimension_numbers=dn, feature_group_count=c,
-                                     precision=jax.lax.Precision.HIGHEST)
-    return jax.lax.conv_general_dilated(x, jnp.tile(kern.reshape(1, k, 1, 1), (1, 1, 1, c)), (1, 1), "VALID",
-                                        dimension_numbers=dn, feature_group_count=c,
-                                        precision=jax.lax.Precision.HIGHEST)
+    padded = np.pad(np.eye(n), ((r, k - 1 - r), (0, 0)), mode="reflect")  # (n + k - 1, n)
+    return sum(w[i] * padded[i:i + n] for i in range(k))
+
+
+def _blur(x: jax.Array, w: np.ndarray) -> jax.Array:
+    """Separable Gaussian over H and W of NHWC `x`, reflect-padded to keep the size.
+
+    Two matmuls with banded (H, H) and (W, W) matrices rather than depthwise convolutions: the same
+    sums, and on XLA:CPU 15x faster forward and backward (a grouped convolution's gradient is slow
+    there; the matmul's transpose is another matmul).
+    """
+    mh = jnp.asarray(blur_matrix(x.shape[1], w), x.dtype)
+    mw = jnp.asarray(blur_matrix(x.shape[2], w), x.dtype)
+    hi = jax.lax.Precision.HIGHEST  # TPUs would otherwise blur in bf16 passes
+    y = jnp.einsum("oh,nhwc->nowc", mh, x, precision=hi)
+    return jnp.einsum("pw,nowc->nopc", mw, y, precision=hi)
 
 
 def ssim_map(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5, max_val: float = 1.0,

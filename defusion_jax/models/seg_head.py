@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defusion_jax.models.defusion import build_model
+from defusion_jax.models.vit import gelu_exact
 
 
 def resize_bilinear(x: jax.Array, hw: Sequence[int]) -> jax.Array:
@@ -87,7 +88,7 @@ class SimpleFeaturePyramid(nn.Module):
         for i, s in enumerate(self.scales):
             if s == 4.0:
                 y = deconv(d // 2, f"level{i}_deconv1")(x)
-                y = nn.gelu(ln(f"level{i}_deconv_norm")(y), approximate=False)
+                y = gelu_exact(ln(f"level{i}_deconv_norm")(y))
                 y = deconv(d // 4, f"level{i}_deconv2")(y)
             elif s == 2.0:
                 y = deconv(d // 2, f"level{i}_deconv1")(x)

@@ -189,6 +189,15 @@ class Attention(nn.Module):
         return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """torch `nn.GELU()`: x/2 (1 + erf(x / sqrt 2)), written as torch computes it.
+
+    `jax.nn.gelu(approximate=False)` evaluates the same function through erfc, which XLA:CPU runs
+    2.5x slower; the two differ by < 1e-6 absolute on N(0, 4) inputs.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.5**0.5))
+
+
 class Mlp(nn.Module):
     hidden: int
     dtype: Any = jnp.float32
@@ -196,7 +205,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-        h = nn.gelu(h, approximate=False)  # torch nn.GELU is the exact erf form
+        h = gelu_exact(h)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
