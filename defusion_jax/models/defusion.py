@@ -163,12 +163,25 @@ class DeFusionPP(nn.Module):
                 + self.decoder_unique_residual_skipconn(r_own, deterministic))
         return deep, skip
 
+    def unique_pair(self, e1, e2, r1, r2, deterministic: bool = True):
+        """f_u of view 1 and of view 2 (`unique` twice, as one call on the stacked batch: the same
+        parameters, so one pass with matmuls twice as tall). Returns ((deep1, skip1), (deep2, skip2))."""
+        b = e1.shape[0]
+        cat = lambda x, y: jnp.concatenate([x, y], axis=0)  # noqa: E731
+        deep, skip = self.unique(cat(e2, e1), cat(e1, e2), cat(r2, r1), cat(r1, r2), deterministic)
+        return (deep[:b], skip[:b]), (deep[b:], skip[b:])
+
     def fuse_tokens(self, t: Mapping[str, jax.Array], deterministic: bool = True):
-        """Fusion CA on both streams, summed in the official order (input of H_MFME)."""
-        deep = (self.decoder_fuse_blocks[0](t["common_deep"], t["unique1_deep"], deterministic)
-                + self.decoder_fuse_blocks[0](t["common_deep"], t["unique2_deep"], deterministic))
-        skip = (self.decoder_fuse_skipconn(t["common_skip"], t["unique1_skip"], deterministic)
-                + self.decoder_fuse_skipconn(t["common_skip"], t["unique2_skip"], deterministic))
+        """Fusion CA on both streams, CA_fuse(f_c, f_u^1) + CA_fuse(f_c, f_u^2) in the official order
+        (input of H_MFME). Both unique parts go through each CA block as one stacked batch."""
+        b = t["common_deep"].shape[0]
+
+        def both(ca, common, u1, u2):
+            out = ca(jnp.concatenate([common, common], axis=0), jnp.concatenate([u1, u2], axis=0), deterministic)
+            return out[:b] + out[b:]
+
+        deep = both(self.decoder_fuse_blocks[0], t["common_deep"], t["unique1_deep"], t["unique2_deep"])
+        skip = both(self.decoder_fuse_skipconn, t["common_skip"], t["unique1_skip"], t["unique2_skip"])
         return deep + skip
 
     def run_mfme(self, x, deterministic: bool = True):
@@ -183,10 +196,8 @@ class DeFusionPP(nn.Module):
              "enc_skip_v1": e["skip1"], "enc_skip_v2": e["skip2"]}
         t["common_deep"], t["common_skip"] = self.common(e["deep1"], e["deep2"], e["skip1"], e["skip2"],
                                                          direction, deterministic)
-        t["unique2_deep"], t["unique2_skip"] = self.unique(e["deep1"], e["deep2"], e["skip1"], e["skip2"],
-                                                           deterministic)
-        t["unique1_deep"], t["unique1_skip"] = self.unique(e["deep2"], e["deep1"], e["skip2"], e["skip1"],
-                                                           deterministic)
+        (t["unique1_deep"], t["unique1_skip"]), (t["unique2_deep"], t["unique2_skip"]) = self.unique_pair(
+            e["deep1"], e["deep2"], e["skip1"], e["skip2"], deterministic)
         b = x1.shape[0]
         t["enc_embed_v1"], t["enc_embed_v2"] = e["embed"][:b], e["embed"][b:]
         for part in ("common", "unique1", "unique2"):
@@ -214,8 +225,9 @@ class DeFusionPP(nn.Module):
         t["fuse"] = self.run_mfme(t["fuse_pre_mfme"], deterministic) + t["fuse_pre_mfme"]
         out = {
             "common": self.project("common", t["common"], grid, deterministic),
-            "unique1": self.project("unique", t["unique1"], grid, deterministic),
-            "unique2": self.project("unique", t["unique2"], grid, deterministic),
+            # the two unique parts share PH: one call on the stacked batch
+            **dict(zip(("unique1", "unique2"), jnp.split(self.project(
+                "unique", jnp.concatenate([t["unique1"], t["unique2"]], axis=0), grid, deterministic), 2))),
             "fused": self.project("fuse", t["fuse"], grid, deterministic),
         }
         if mfm:
@@ -272,8 +284,7 @@ class DeFusionPP(nn.Module):
         e = self.encode(x1, x2, deterministic)
         c1 = self.common(e["deep1"], e["deep2"], e["skip1"], e["skip2"], "q_view2", deterministic)
         c2 = self.common(e["deep1"], e["deep2"], e["skip1"], e["skip2"], "q_view1", deterministic)
-        u2 = self.unique(e["deep1"], e["deep2"], e["skip1"], e["skip2"], deterministic)
-        u1 = self.unique(e["deep2"], e["deep1"], e["skip2"], e["skip1"], deterministic)
+        u1, u2 = self.unique_pair(e["deep1"], e["deep2"], e["skip1"], e["skip2"], deterministic)
         com_w1 = self.mm_common_norm(c1[0] + c1[1])
         com_w2 = self.mm_common_norm(c2[0] + c2[1])
         pred1 = self.latent_predict1(self.mm_unique_norm1(u1[0] + u1[1]) + com_w1)
