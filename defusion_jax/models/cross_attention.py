@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from defusion_jax.models.vit import attention
+from defusion_jax.models.vit import DenseParams, attention, from_heads, to_heads
 
 
 class MultiheadAttention(nn.Module):
@@ -42,24 +42,11 @@ class MultiheadAttention(nn.Module):
                 wa, ba = pre[i]
                 hi = jax.lax.Precision.HIGHEST  # parameters are composed at full float32 precision
                 wi, bi = jnp.matmul(wa, wi, precision=hi), jnp.matmul(ba, wi, precision=hi) + bi
-            y = x.astype(self.dtype) @ wi.astype(self.dtype) + bi.astype(self.dtype)
-            return y.reshape(*y.shape[:-1], self.num_heads, d // self.num_heads)
+            return to_heads(x, wi, bi, self.num_heads, self.dtype)
 
         drop = nn.Dropout(self.dropout) if self.dropout else None
         out = attention(heads(q, 0), heads(k, 1), heads(v, 2), drop, deterministic)
-        return nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(*out.shape[:-2], d))
-
-
-class DenseParams(nn.Module):
-    """The parameters of `nn.Dense(features)` (same names, shapes and initialisers), returned
-    unapplied so that the next affine map can be composed with them."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, in_features: int):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
-        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return from_heads(out, *DenseParams(d, name="out_proj")(d), self.dtype)
 
 
 class CrossAttentionTask(nn.Module):

@@ -141,37 +141,64 @@ def _cudnn_attention_ok(q: jax.Array) -> bool:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module | None = None,
               deterministic: bool = True) -> jax.Array:
-    """softmax(q k^T / sqrt(d)) v over (B, L, H, Dh) arrays.
+    """softmax(q k^T / sqrt(d)) v over heads-major (B, H, L, Dh) arrays; returns (B, H, L, Dh).
 
     Without attention-probability dropout (every module here) this is `jax.nn.dot_product_attention`:
     cuDNN flash attention on GPUs where dtype and head size allow (DEFUSION_CUDNN_ATTENTION=0 turns
     that off), XLA elsewhere. On CPU the same function is written out, because there it is the
     bottleneck of the network (16 heads of 12 channels) and XLA:CPU does much better with
-    - heads-major copies (B, H, L, Dh), so both products are plain batched matmuls (a dot_general
-      with the batch dimensions in the middle runs ~3x slower), and
+    - heads-major operands (see `to_heads`), so both products are plain batched matmuls (a
+      dot_general with the batch dimensions in the middle runs ~3x slower), and
     - the softmax normalisation applied to the (L, Dh) output instead of the (L, L) probabilities
       (exp(s - max) v / sum exp(s - max)): the same value, half the backward time.
     """
     if dropout is None or deterministic:
-        if _cudnn_attention_ok(q):
-            try:
-                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-            except (NotImplementedError, ValueError, RuntimeError):  # cuDNN too old, shapes: fall back
-                pass
         if jax.default_backend() != "cpu":
-            return jax.nn.dot_product_attention(q, k, v)
-        qh, kh, vh = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+            qb, kb, vb = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, L, H, Dh), what the API takes
+            if _cudnn_attention_ok(q):
+                try:
+                    return jnp.swapaxes(jax.nn.dot_product_attention(qb, kb, vb, implementation="cudnn"), 1, 2)
+                except (NotImplementedError, ValueError, RuntimeError):  # cuDNN too old, shapes: fall back
+                    pass
+            return jnp.swapaxes(jax.nn.dot_product_attention(qb, kb, vb), 1, 2)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = logits * jnp.float32(q.shape[-1] ** -0.5)
         # the shift only guards exp against overflow; the result does not depend on it
         e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-        out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), vh, preferred_element_type=jnp.float32)
-        out = out / e.sum(axis=-1, keepdims=True)
-        return jnp.swapaxes(out.astype(q.dtype), -3, -2)
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return (out / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
     probs = dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+class DenseParams(nn.Module):
+    """The parameters of `nn.Dense(features)` (same names, shapes and initialisers), returned
+    unapplied, for projections applied head-wise (`to_heads`, `from_heads`) or composed with the
+    next affine map."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
+
+
+def to_heads(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads: int, dtype: Any) -> jax.Array:
+    """x @ kernel + bias with the output channels split into heads, heads-major: (B, L, D) -> (B, H, L, Dh).
+
+    The projection writes the heads-major layout itself, so no (B, L, H, Dh) copy is transposed."""
+    d_in, d_out = kernel.shape
+    w = kernel.astype(dtype).reshape(d_in, num_heads, d_out // num_heads)
+    return jnp.einsum("bld,dhe->bhle", x.astype(dtype), w) + bias.astype(dtype).reshape(num_heads, 1, -1)
+
+
+def from_heads(o: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Any) -> jax.Array:
+    """Merge heads and project: (B, H, L, Dh) -> (B, L, D_out), i.e. concat_heads(o) @ kernel + bias."""
+    h, dh = o.shape[1], o.shape[3]
+    w = kernel.astype(dtype).reshape(h, dh, kernel.shape[1])
+    return jnp.einsum("bhle,hed->bld", o.astype(dtype), w) + bias.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -182,11 +209,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        b, n, d = x.shape
-        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
+        d = x.shape[-1]
+        w, b = DenseParams(3 * d, name="qkv")(d)
+        q, k, v = (to_heads(x, w[:, i * d:(i + 1) * d], b[i * d:(i + 1) * d], self.num_heads, self.dtype)
+                   for i in range(3))
+        return from_heads(attention(q, k, v), *DenseParams(d, name="proj")(d), self.dtype)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
