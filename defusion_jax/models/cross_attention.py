@@ -36,16 +36,29 @@ class MultiheadAttention(nn.Module):
         w = self.param("in_proj_kernel", nn.initializers.xavier_uniform(), (d, 3 * d))
         bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,))
 
-        def heads(x, i):
+        def projection(i):
             wi, bi = w[:, i * d:(i + 1) * d], bias[i * d:(i + 1) * d]
             if pre is not None:
                 wa, ba = pre[i]
                 hi = jax.lax.Precision.HIGHEST  # parameters are composed at full float32 precision
                 wi, bi = jnp.matmul(wa, wi, precision=hi), jnp.matmul(ba, wi, precision=hi) + bi
-            return to_heads(x, wi, bi, self.num_heads, self.dtype)
+            return wi, bi
+
+        # Projections of the same token array run as one packed matmul (common mode: q and k of x2;
+        # unique mode: k and v of x1).
+        inputs, heads = (q, k, v), [None] * 3
+        groups: dict[int, list[int]] = {}
+        for i, x in enumerate(inputs):
+            groups.setdefault(id(x), []).append(i)
+        for idx in groups.values():
+            ws = [projection(i) for i in idx]
+            y = to_heads(inputs[idx[0]], jnp.concatenate([p[0] for p in ws], axis=1),
+                         jnp.concatenate([p[1] for p in ws]), self.num_heads, self.dtype, parts=len(idx))
+            for j, i in enumerate(idx):
+                heads[i] = y if len(idx) == 1 else y[j]
 
         drop = nn.Dropout(self.dropout) if self.dropout else None
-        out = attention(heads(q, 0), heads(k, 1), heads(v, 2), drop, deterministic)
+        out = attention(*heads, drop, deterministic)
         return from_heads(out, *DenseParams(d, name="out_proj")(d), self.dtype)
 
 

@@ -185,13 +185,18 @@ class DenseParams(nn.Module):
         return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
 
 
-def to_heads(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads: int, dtype: Any) -> jax.Array:
-    """x @ kernel + bias with the output channels split into heads, heads-major: (B, L, D) -> (B, H, L, Dh).
+def to_heads(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads: int, dtype: Any,
+             parts: int = 1) -> jax.Array:
+    """x @ kernel + bias with the output channels split into heads, heads-major: (B, L, D) ->
+    (B, H, L, Dh), or (parts, B, H, L, Dh) for a packed kernel of `parts` projections (qkv: 3).
 
-    The projection writes the heads-major layout itself, so no (B, L, H, Dh) copy is transposed."""
+    The projection writes the heads-major layout itself, so no (B, L, H, Dh) copy is transposed,
+    and a packed kernel stays one matmul (forward and both gradients)."""
     d_in, d_out = kernel.shape
-    w = kernel.astype(dtype).reshape(d_in, num_heads, d_out // num_heads)
-    return jnp.einsum("bld,dhe->bhle", x.astype(dtype), w) + bias.astype(dtype).reshape(num_heads, 1, -1)
+    dh = d_out // (parts * num_heads)
+    w = kernel.astype(dtype).reshape(d_in, parts, num_heads, dh)
+    y = jnp.einsum("bld,dphe->pbhle", x.astype(dtype), w) + bias.astype(dtype).reshape(parts, 1, num_heads, 1, dh)
+    return y[0] if parts == 1 else y
 
 
 def from_heads(o: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Any) -> jax.Array:
@@ -211,8 +216,7 @@ class Attention(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         w, b = DenseParams(3 * d, name="qkv")(d)
-        q, k, v = (to_heads(x, w[:, i * d:(i + 1) * d], b[i * d:(i + 1) * d], self.num_heads, self.dtype)
-                   for i in range(3))
+        q, k, v = to_heads(x, w, b, self.num_heads, self.dtype, parts=3)
         return from_heads(attention(q, k, v), *DenseParams(d, name="proj")(d), self.dtype)
 
 
