@@ -7,7 +7,8 @@ records two calls with `jax.profiler` (XLA:CPU per-op events via --xla_cpu_enabl
 maps every executed HLO operation to the JAX source operation that made it (its `op_name`
 metadata), and prints the top groups, e.g. `B ynn fcN/dot_general` = backward, YNNPACK fusion,
 the MLP matmuls of every block. The last stdout line is the usual one JSON line (top groups, wall
-time per call); the Perfetto trace stays in --out for https://ui.perfetto.dev.
+time per call); the Perfetto trace and
+`groups.json` (every group) stay in --out; open the trace in https://ui.perfetto.dev.
 
 Operation times add up to more than the wall time: XLA:CPU runs independent operations concurrently.
 """
@@ -101,6 +102,8 @@ def main(argv=None):
             per_group[key] += e["dur"] / 2e3  # two recorded calls, microseconds -> ms per call
             count[key] += 0.5
     total = sum(per_group.values())
+    (out / "groups.json").write_text(json.dumps(  # every group, for sums the top list does not show
+        [{"group": k, "ms": round(v, 3), "ops": int(count[k])} for k, v in per_group.most_common()], indent=0))
     _common.log(f"{label}: {wall * 1e3:.0f} ms per call (wall); operations sum to {total:.0f} ms")
     top = []
     for key, ms in per_group.most_common(args.top):
