@@ -74,6 +74,15 @@ def gather_tokens(tokens: jax.Array, ids_keep: jax.Array) -> jax.Array:
     return jnp.concatenate([tokens[:, :1], kept], axis=1)
 
 
+def run_stacked(fn, *pairs):
+    """fn applied to two inputs at once: each argument pair (a, b) is stacked along the batch, fn
+    runs once, and its output (any pytree) is split back into (out_a, out_b). For modules applied
+    twice with the same parameters: one pass with matmuls twice as tall."""
+    n = pairs[0][0].shape[0]
+    out = fn(*(jnp.concatenate(pair, axis=0) for pair in pairs))
+    return jax.tree.map(lambda x: x[:n], out), jax.tree.map(lambda x: x[n:], out)
+
+
 class DeFusionPP(nn.Module):
     """The DeFusion++ network. The default configuration is the official `UCMIMNet`.
 
@@ -164,25 +173,21 @@ class DeFusionPP(nn.Module):
         return deep, skip
 
     def unique_pair(self, e1, e2, r1, r2, deterministic: bool = True):
-        """f_u of view 1 and of view 2 (`unique` twice, as one call on the stacked batch: the same
-        parameters, so one pass with matmuls twice as tall). Returns ((deep1, skip1), (deep2, skip2))."""
-        b = e1.shape[0]
-        cat = lambda x, y: jnp.concatenate([x, y], axis=0)  # noqa: E731
-        deep, skip = self.unique(cat(e2, e1), cat(e1, e2), cat(r2, r1), cat(r1, r2), deterministic)
-        return (deep[:b], skip[:b]), (deep[b:], skip[b:])
+        """f_u of view 1 and of view 2 (`unique` twice, run stacked: shared parameters).
+        Returns ((deep1, skip1), (deep2, skip2))."""
+        return run_stacked(lambda *a: self.unique(*a, deterministic), (e2, e1), (e1, e2), (r2, r1), (r1, r2))
 
     def fuse_tokens(self, t: Mapping[str, jax.Array], deterministic: bool = True):
         """Fusion CA on both streams, CA_fuse(f_c, f_u^1) + CA_fuse(f_c, f_u^2) in the official order
-        (input of H_MFME). Both unique parts go through each CA block as one stacked batch."""
-        b = t["common_deep"].shape[0]
+        (input of H_MFME). Both unique parts go through each CA block stacked."""
 
-        def both(ca, common, u1, u2):
-            out = ca(jnp.concatenate([common, common], axis=0), jnp.concatenate([u1, u2], axis=0), deterministic)
-            return out[:b] + out[b:]
+        def both(ca, stream):
+            c = t[f"common_{stream}"]
+            o1, o2 = run_stacked(lambda x1, x2: ca(x1, x2, deterministic), (c, c),
+                                 (t[f"unique1_{stream}"], t[f"unique2_{stream}"]))
+            return o1 + o2
 
-        deep = both(self.decoder_fuse_blocks[0], t["common_deep"], t["unique1_deep"], t["unique2_deep"])
-        skip = both(self.decoder_fuse_skipconn, t["common_skip"], t["unique1_skip"], t["unique2_skip"])
-        return deep + skip
+        return both(self.decoder_fuse_blocks[0], "deep") + both(self.decoder_fuse_skipconn, "skip")
 
     def run_mfme(self, x, deterministic: bool = True):
         for blk in self.recon_blocks_mim_encoder:
@@ -225,9 +230,9 @@ class DeFusionPP(nn.Module):
         t["fuse"] = self.run_mfme(t["fuse_pre_mfme"], deterministic) + t["fuse_pre_mfme"]
         out = {
             "common": self.project("common", t["common"], grid, deterministic),
-            # the two unique parts share PH: one call on the stacked batch
-            **dict(zip(("unique1", "unique2"), jnp.split(self.project(
-                "unique", jnp.concatenate([t["unique1"], t["unique2"]], axis=0), grid, deterministic), 2))),
+            # the two unique parts share PH
+            **dict(zip(("unique1", "unique2"), run_stacked(
+                lambda x: self.project("unique", x, grid, deterministic), (t["unique1"], t["unique2"])))),
             "fused": self.project("fuse", t["fuse"], grid, deterministic),
         }
         if mfm:
