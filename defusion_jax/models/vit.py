@@ -161,8 +161,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module | Non
                 except (NotImplementedError, ValueError, RuntimeError):  # cuDNN too old, shapes: fall back
                     pass
             return jnp.swapaxes(jax.nn.dot_product_attention(qb, kb, vb), 1, 2)
+        # scaling q (L x Dh) instead of the logits (L x L): XLA:CPU otherwise feeds the fused
+        # attention a materialised (B, H, L, L) broadcast of the scalar
+        q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits * jnp.float32(q.shape[-1] ** -0.5)
         # the shift only guards exp against overflow; the result does not depend on it
         e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
         out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
