@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from defusion_jax import allocator  # noqa: E402  (stdlib only; before jax, as it may re-execute us)
+
+allocator.reexec_with_tcmalloc()  # as `python -m defusion_jax.main` does: measure what users run
+
 # Flags measured to help (or not hurt) this project's step on XLA:CPU; see docs/benchmarks.md.
 CPU_XLA_FLAGS: tuple[str, ...] = ()
 
@@ -83,14 +87,37 @@ def _jsonable(x):
     return str(x)
 
 
-def time_calls(fn, n: int, sync) -> list[float]:
-    """Wall seconds of `n` calls of fn(), each followed by sync(result)."""
-    out = []
+def process_counters() -> tuple[int, float]:
+    """(minor page faults, kernel CPU seconds) of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt, os.times().system
+
+
+def add_counts(counts: dict, start: tuple[int, float], calls: int) -> None:
+    """Add what `process_counters()` grew by since `start`, over `calls` calls, to `counts`."""
+    faults, sys_s = process_counters()
+    counts["minor_faults"] = counts.get("minor_faults", 0) + faults - start[0]
+    counts["sys_s"] = counts.get("sys_s", 0.0) + sys_s - start[1]
+    counts["calls"] = counts.get("calls", 0) + calls
+
+
+def time_calls(fn, n: int, sync, counts: dict | None = None) -> list[float]:
+    """Wall seconds of `n` calls of fn(), each followed by sync(result); with `counts`, also the
+    page faults and kernel time they cost (`add_counts`, `per_call`)."""
+    out, start = [], process_counters()
     for _ in range(n):
         t0 = time.perf_counter()
         sync(fn())
         out.append(time.perf_counter() - t0)
+    if counts is not None:
+        add_counts(counts, start, n)
     return out
+
+
+def per_call(counts: dict, prefix: str) -> dict:
+    """`time_calls` counts as JSON fields: page faults and kernel seconds per call."""
+    n = max(counts.get("calls", 0), 1)
+    return {f"{prefix}_minor_faults_per_call": round(counts.get("minor_faults", 0) / n),
+            f"{prefix}_sys_s_per_call": round(counts.get("sys_s", 0.0) / n, 3)}
 
 
 def median(xs):
@@ -103,7 +130,7 @@ def host_info() -> dict:
     d = jax.devices()[0]
     return {"device": f"{d.platform}:{getattr(d, 'device_kind', '?')}", "device_count": jax.device_count(),
             "host_cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "jax": jax.__version__, "python": platform.python_version()}
+            "jax": jax.__version__, "python": platform.python_version(), "allocator": allocator.active()}
 
 
 def peak_memory() -> dict:

@@ -375,9 +375,10 @@ def main(argv=None):
         t0 = time.perf_counter()
         _common.time_calls(fn, args.warmup, sync)
         record[f"{name}_warmup_s"] = round(time.perf_counter() - t0, 2)
+    counts = {}
     for r in range(args.rounds):
         for name, fn, sync, calls in plan:
-            ts = _common.time_calls(fn, calls, sync)
+            ts = _common.time_calls(fn, calls, sync, counts.setdefault(name, {}))
             timings.setdefault(name, []).extend(ts)
             _common.log(f"round {r} {name}: median {_common.median(ts) * 1e3:.1f} ms/call "
                         f"(load {_common.loadavg()})")
@@ -387,6 +388,7 @@ def main(argv=None):
         record[f"{name}_ms"] = round(med * 1e3, 2)
         record[f"{name}_pairs_per_s"] = round(args.batch / med, 3)
         record[f"{name}_spread"] = [round(min(ts) * 1e3, 1), round(max(ts) * 1e3, 1)]
+        record.update(_common.per_call(counts[name], name))
     for kind in ("train", "eval"):
         if f"official_{kind}_ms" in record and f"ours_{kind}_ms" in record:
             record[f"speedup_{kind}"] = round(record[f"official_{kind}_ms"] / record[f"ours_{kind}_ms"], 3)

@@ -117,13 +117,15 @@ def main(argv=None):
     jax.block_until_ready(metrics)
     record["loss_after_warmup"] = float(metrics["loss"])
 
-    runs = []
+    runs, counts = [], {}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _common.process_counters()
         for _ in range(args.steps):
             state, metrics = compiled(state, frozen, batch)
         jax.block_until_ready((state, metrics))
         runs.append((time.perf_counter() - t0) / args.steps)
+        _common.add_counts(counts, c0, args.steps)
+    record.update(_common.per_call(counts, "step"))
     step_s = _common.median(runs)
     record["step_ms"] = round(step_s * 1e3, 2)
     record["step_ms_spread"] = [round(min(runs) * 1e3, 2), round(max(runs) * 1e3, 2)]

@@ -348,4 +348,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from defusion_jax import allocator
+
+    allocator.reexec_with_tcmalloc()
     sys.exit(main())

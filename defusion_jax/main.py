@@ -45,6 +45,9 @@ def main(argv):
 
 
 def run():
+    from defusion_jax import allocator
+
+    allocator.reexec_with_tcmalloc()  # XLA:CPU's per-step scratch buffer stays mapped (see there)
     app.run(main)
 
 
