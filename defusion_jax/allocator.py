@@ -52,13 +52,12 @@ def preload_env(environ, library: str) -> dict | None:
 def reexec_with_tcmalloc() -> None:
     """Replace this process by the same command line with tcmalloc preloaded (same pid, so
     signals and launchers are unaffected); returns without doing anything when it is already
-    preloaded, disabled or absent. Call it first thing in an entry point."""
+    preloaded, disabled or absent. Call it first thing in an entry point. Silent, so that CLI
+    errors stay one line; `active()` tells (the trainer logs it, benchmarks print it)."""
     library = find_tcmalloc()
     env = preload_env(os.environ, library) if library else None
     if env is None:
         return
-    print(f"[defusion_jax] re-running under {library} (XLA:CPU scratch buffers stay mapped; "
-          f"{ENV}=0 turns this off)", file=sys.stderr, flush=True)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 

@@ -30,6 +30,9 @@ def main(argv):
     from defusion_jax import sharding
 
     sharding.maybe_initialize_distributed()  # before any device is touched
+    from defusion_jax import allocator
+
+    logging.info("host allocator: %s (DEFUSION_TCMALLOC=0 for the system one)", allocator.active())
     from defusion_jax import train
     from defusion_jax.params_io import CheckpointError
 
