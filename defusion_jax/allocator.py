@@ -9,7 +9,7 @@ work. tcmalloc keeps the block mapped: 0 faults, ~15 ms kernel time per step
 (its mmap threshold is capped at 32 MB and worker threads' arenas map large blocks regardless of
 M_MMAP_MAX), so the allocator has to be preloaded, which only works at process start.
 
-DEFUSION_TCMALLOC: unset or "auto" = use it when found; "0" = never; a path = that library.
+DEFUSION_TCMALLOC: unset, "auto" or "1" = use it when found; "0" = never; a path = that library.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def find_tcmalloc(environ=os.environ) -> str | None:
 
 def preload_env(environ, library: str) -> dict | None:
     """The environment to re-run with, or None when `library` is already preloaded."""
-    preloaded = [p for p in environ.get("LD_PRELOAD", "").replace(":", " ").split() if p]
-    if library in preloaded or any("tcmalloc" in Path(p).name for p in preloaded):
+    preloaded = _preloaded(environ)
+    if library in preloaded or active(environ) == "tcmalloc":  # also one the user preloaded
         return None
     # never hand freed pages back to the kernel (gperftools' switch): otherwise other code's frees
     # in the same process (PyTorch in the benchmarks) make tcmalloc release, and refault, the block
@@ -61,6 +61,10 @@ def reexec_with_tcmalloc() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def active() -> str:
-    """'tcmalloc' when this process runs with it preloaded, else 'system'."""
-    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+def _preloaded(environ) -> list[str]:
+    return [p for p in environ.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+
+
+def active(environ=os.environ) -> str:
+    """'tcmalloc' when `environ` (this process's) preloads a tcmalloc, else 'system'."""
+    return "tcmalloc" if any("tcmalloc" in Path(p).name for p in _preloaded(environ)) else "system"

@@ -18,9 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from defusion_jax import allocator
 
-from defusion_jax import imageio, inference
+if __name__ == "__main__":  # before jax is imported: the command restarts under tcmalloc (allocator.py)
+    allocator.reexec_with_tcmalloc()
+
+import numpy as np  # noqa: E402
+
+from defusion_jax import imageio, inference  # noqa: E402
 
 FORMATS = ("png", "tif", "jpg", "bmp", "npy")
 
@@ -348,7 +353,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from defusion_jax import allocator
-
-    allocator.reexec_with_tcmalloc()
     sys.exit(main())

@@ -16,6 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from defusion_jax import allocator
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/pretrain.py:smoke",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics, TensorBoard logs and panels go")
@@ -30,8 +32,6 @@ def main(argv):
     from defusion_jax import sharding
 
     sharding.maybe_initialize_distributed()  # before any device is touched
-    from defusion_jax import allocator
-
     logging.info("host allocator: %s (DEFUSION_TCMALLOC=0 for the system one)", allocator.active())
     from defusion_jax import train
     from defusion_jax.params_io import CheckpointError
@@ -48,8 +48,6 @@ def main(argv):
 
 
 def run():
-    from defusion_jax import allocator
-
     allocator.reexec_with_tcmalloc()  # XLA:CPU's per-step scratch buffer stays mapped (see there)
     app.run(main)
 
