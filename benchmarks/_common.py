@@ -124,12 +124,26 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def cpu_model() -> str:
+    """The host CPU's model name and vector extensions: figures from different CPU kinds (AVX2 vs
+    AVX-512) are not comparable, and the machines this project is measured on differ."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
+    return f"{name} ({isa})" if isa else name
+
+
 def host_info() -> dict:
     import jax
 
     d = jax.devices()[0]
     return {"device": f"{d.platform}:{getattr(d, 'device_kind', '?')}", "device_count": jax.device_count(),
-            "host_cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "host_cpus": os.cpu_count(), "cpu": cpu_model(),
             "jax": jax.__version__, "python": platform.python_version(), "allocator": allocator.active()}
 
 

@@ -6,6 +6,8 @@ PATH is a clone or mirror (bare is fine) of github.com/erfect2020/DeFusion-plusp
 files at `--commit` (default: the last commit that has `model/UCMIModel.py`) are extracted into a
 temporary folder at run time and imported from there; nothing of it is stored in this repository.
 Without `--official-repo` only our side is timed and the line says the official one is absent.
+`--side official` / `--side ours` time one network in a process of its own (no second framework's
+memory, threads or allocator traffic in between); run the two alternately and compare the lines.
 
 Timed, warm-up excluded, median seconds per call over `--rounds` interleaved rounds of `--steps`
 calls (official train, ours train, official eval, ours eval, repeated), so both sides see the same
@@ -283,6 +285,9 @@ def main(argv=None):
     ap.add_argument("--remat", action="store_true", help="rematerialise our encoder blocks")
     ap.add_argument("--only", choices=("train", "eval", "both"), default="both")
     ap.add_argument("--xla-flags", default="", help="extra XLA flags for this process")
+    ap.add_argument("--side", choices=("both", "official", "ours"), default="both",
+                    help="time one network only (each in a process of its own, without the other's "
+                         "memory and threads; compare the two JSON lines)")
     args = ap.parse_args(argv)
     eval_steps = args.eval_steps or 2 * args.steps
 
@@ -291,14 +296,17 @@ def main(argv=None):
 
     official = None
     tmp = tempfile.TemporaryDirectory(prefix="defusion_official_")
-    if args.official_repo:
+    if args.side == "official" and not args.official_repo:
+        print("error: --side official needs --official-repo", file=sys.stderr)
+        return 2
+    if args.official_repo and args.side != "ours":
         try:
             extract_official(args.official_repo, args.commit, Path(tmp.name))
             official = build_official(Path(tmp.name), args.threads)
         except OfficialMissing as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    else:
+    elif args.side == "both":
         _common.log("official network ABSENT: pass --official-repo PATH (clone or mirror of "
                     "erfect2020/DeFusion-plusplus) to time it; timing ours only")
 
@@ -342,9 +350,11 @@ def main(argv=None):
         if args.only in ("train", "both"):
             plan.append(("official_train", torch_train, lambda r: None, args.steps))
     else:
-        record["official"] = "absent (no --official-repo)"
+        record["official"] = "not timed (--side ours)" if args.side == "ours" else "absent (no --official-repo)"
+    ours = args.side != "official"
+    record["side"] = args.side
 
-    if args.only in ("train", "both"):
+    if ours and args.only in ("train", "both"):
         step, state, label = ours_train_step(args.ours_step, args.batch, args.crop, args.dtype, args.remat)
         record["ours_train_step"] = label
         jbatch = jax.device_put(data)
@@ -356,7 +366,9 @@ def main(argv=None):
 
         plan.append(("ours_train", ours_train, jax.block_until_ready, args.steps))
 
-    if args.only in ("eval", "both"):
+    if args.only in ("eval", "both") and official is not None:
+        plan.append(("official_eval", torch_eval, lambda r: None, eval_steps))
+    if ours and args.only in ("eval", "both"):
         forward, model, init_params = ours_eval_fn(args.dtype)
         eparams = init_params(model, jax.random.key(0), (args.crop, args.crop))
         a, b = jax.device_put(data["view1"]), jax.device_put(data["view2"])
@@ -366,8 +378,6 @@ def main(argv=None):
             counter["i"] += 1
             return forward(eparams, a, b, jax.random.key(counter["i"]))
 
-        if official is not None:
-            plan.append(("official_eval", torch_eval, lambda r: None, eval_steps))
         plan.append(("ours_eval", ours_eval, jax.block_until_ready, eval_steps))
 
     # warm-up (compilation, allocator, lazy init), excluded

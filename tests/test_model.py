@@ -14,7 +14,7 @@ from defusion_jax.convert import convert_official, flax_key, to_torch_layout
 from defusion_jax.models.cross_attention import CABlock, CrossAttentionTask
 from defusion_jax.models.defusion import (build_model, gather_tokens, init_params, masking_from_noise,
                                           mfm_masking, patchify, unpatchify)
-from defusion_jax.models.vit import sincos_table
+from defusion_jax.models.vit import sincos_table, softmax_attention
 from defusion_jax.params_io import CheckpointError, flatten
 
 
@@ -30,6 +30,24 @@ def test_parameter_counts_match_official():
     # Two LP heads 192->768 and two affine LayerNorms; the common LayerNorm has no parameters.
     assert _count(mm) - _count(shapes) == 2 * (192 * 768 + 768) + 2 * 2 * 192
     assert "mm_common_norm" not in mm
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 9, 12), (1, 3, 7, 32)])
+def test_softmax_attention_value_and_gradient_match_plain_softmax(shape):
+    """The CPU attention's hand-written backward against autodiff of the textbook formula, with
+    logits large enough that the max shift matters."""
+    rng = np.random.default_rng(0)
+    q, k, v, g = (jnp.asarray(3 * rng.standard_normal(shape), jnp.float32) for _ in range(4))
+
+    def plain(q, k, v):
+        return jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(shape[-1]), axis=-1) @ v
+
+    with jax.default_matmul_precision("highest"):
+        out, vjp = jax.vjp(softmax_attention, q, k, v)
+        want, vjp_want = jax.vjp(plain, q, k, v)
+        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+        for name, got, ref in zip("qkv", vjp(g), vjp_want(g)):
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
 
 
 def test_sincos_table_non_square_grid_by_hand():

@@ -139,18 +139,67 @@ def _cudnn_attention_ok(q: jax.Array) -> bool:
             and os.environ.get("DEFUSION_CUDNN_ATTENTION", "1") != "0")
 
 
+def _softmax_attention_fwd(q, k, v):
+    # scaling q (L x Dh) instead of the logits (L x L): XLA:CPU otherwise feeds the fused
+    # attention a materialised (B, H, L, L) broadcast of the scalar
+    qs = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qs, k, preferred_element_type=jnp.float32)
+    # the shift only guards exp against overflow; the result does not depend on it
+    e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    total = e.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+    return out.astype(q.dtype), (qs, k, v, e, total, out)
+
+
+def _transposed_product(small: jax.Array, big: jax.Array) -> jax.Array:
+    """big^T small for big (B, H, Lq, Lk) and small (B, H, Lq, Dh) -> (B, H, Lk, Dh), computed as
+    (small^T big)^T. XLA:CPU runs the product with `big` transposed as a plain (non-YNNPACK) dot,
+    3-4x slower than this form at 12-channel heads; the barriers keep XLA from folding the two
+    small transposes back into it."""
+    barrier = jax.lax.optimization_barrier
+    small_t = barrier(jnp.swapaxes(small, -1, -2).astype(big.dtype))
+    return jnp.swapaxes(barrier(jnp.einsum("bhdq,bhqk->bhdk", small_t, big)), -1, -2)
+
+
+def _softmax_attention_bwd(res, g):
+    qs, k, v, e, total, out = res
+    g_un = g.astype(jnp.float32) / total  # gradient of exp(.) v before the normalisation
+    g_total = -(g_un * out).sum(axis=-1, keepdims=True)
+    g_e = jnp.einsum("bhqd,bhkd->bhqk", g_un.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    g_logits = e * (g_e + g_total)  # the max shift is a constant for the gradient
+    g_q = jnp.einsum("bhqk,bhkd->bhqd", g_logits.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    g_q = g_q * qs.shape[-1] ** -0.5
+    g_k = _transposed_product(qs.astype(jnp.float32), g_logits)
+    g_v = _transposed_product(g_un, e)
+    return g_q.astype(qs.dtype), g_k.astype(k.dtype), g_v.astype(v.dtype)
+
+
+@jax.custom_vjp
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over heads-major (B, H, L, Dh) arrays, written for XLA:CPU.
+
+    - heads-major operands (see `to_heads`), so both products are plain batched matmuls (a
+      dot_general with the batch dimensions in the middle runs ~3x slower);
+    - the softmax normalisation is applied to the (L, Dh) output instead of the (L, L)
+      probabilities (exp(s - max) v / sum exp(s - max)): the same value, half the backward work;
+    - a hand-written backward whose four products all run as YNNPACK matmuls
+      (`_transposed_product`): autodiff's two products with a transposed (L, L) operand are XLA:CPU's
+      slowest operations in the training step at 12-channel heads.
+    """
+    return _softmax_attention_fwd(q, k, v)[0]
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module | None = None,
               deterministic: bool = True) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over heads-major (B, H, L, Dh) arrays; returns (B, H, L, Dh).
 
     Without attention-probability dropout (every module here) this is `jax.nn.dot_product_attention`:
     cuDNN flash attention on GPUs where dtype and head size allow (DEFUSION_CUDNN_ATTENTION=0 turns
-    that off), XLA elsewhere. On CPU the same function is written out, because there it is the
-    bottleneck of the network (16 heads of 12 channels) and XLA:CPU does much better with
-    - heads-major operands (see `to_heads`), so both products are plain batched matmuls (a
-      dot_general with the batch dimensions in the middle runs ~3x slower), and
-    - the softmax normalisation applied to the (L, Dh) output instead of the (L, L) probabilities
-      (exp(s - max) v / sum exp(s - max)): the same value, half the backward time.
+    that off), XLA elsewhere. On CPU it is `softmax_attention`, the same function written for
+    XLA:CPU, where attention over 16 heads of 12 channels is the bottleneck of the network.
     """
     if dropout is None or deterministic:
         if jax.default_backend() != "cpu":
@@ -161,14 +210,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module | Non
                 except (NotImplementedError, ValueError, RuntimeError):  # cuDNN too old, shapes: fall back
                     pass
             return jnp.swapaxes(jax.nn.dot_product_attention(qb, kb, vb), 1, 2)
-        # scaling q (L x Dh) instead of the logits (L x L): XLA:CPU otherwise feeds the fused
-        # attention a materialised (B, H, L, L) broadcast of the scalar
-        q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        # the shift only guards exp against overflow; the result does not depend on it
-        e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-        out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return (out / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
+        return softmax_attention(q, k, v)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
     probs = dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
