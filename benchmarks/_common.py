@@ -128,12 +128,11 @@ def cpu_model() -> str:
     """The host CPU's model name and vector extensions: figures from different CPU kinds (AVX2 vs
     AVX-512) are not comparable, and the machines this project is measured on differ."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
     return f"{name} ({isa})" if isa else name
 

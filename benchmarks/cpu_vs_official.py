@@ -294,11 +294,11 @@ def main(argv=None):
     flags = _common.set_xla_flags(args.xla_flags)
     record = {"benchmark": "cpu_vs_official", "batch": args.batch, "crop": args.crop, "loadavg_start": _common.loadavg()}
 
-    official = None
-    tmp = tempfile.TemporaryDirectory(prefix="defusion_official_")
     if args.side == "official" and not args.official_repo:
         print("error: --side official needs --official-repo", file=sys.stderr)
         return 2
+    official = None
+    tmp = tempfile.TemporaryDirectory(prefix="defusion_official_")
     if args.official_repo and args.side != "ours":
         try:
             extract_official(args.official_repo, args.commit, Path(tmp.name))

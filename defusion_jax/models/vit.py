@@ -169,7 +169,7 @@ def _softmax_attention_bwd(res, g):
     g_logits = e * (g_e + g_total)  # the max shift is a constant for the gradient
     g_q = jnp.einsum("bhqk,bhkd->bhqd", g_logits.astype(k.dtype), k, preferred_element_type=jnp.float32)
     g_q = g_q * qs.shape[-1] ** -0.5
-    g_k = _transposed_product(qs.astype(jnp.float32), g_logits)
+    g_k = _transposed_product(qs, g_logits)
     g_v = _transposed_product(g_un, e)
     return g_q.astype(qs.dtype), g_k.astype(k.dtype), g_v.astype(v.dtype)
 
