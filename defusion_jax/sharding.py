@@ -136,6 +136,19 @@ def shard_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+_COLLECTIVE = re.compile(r"[ )}] (all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)(?:-start)?\(")
+
+
+def collectives(compiled) -> dict[str, int]:
+    """Cross-device operations in a compiled program (`jit(f).lower(...).compile()` or its
+    `as_text()`), by kind: how a step's communication is checked rather than assumed."""
+    text = compiled if isinstance(compiled, str) else compiled.as_text()
+    counts: dict[str, int] = {}
+    for m in _COLLECTIVE.finditer(text):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
 # ---- parameter placement -----------------------------------------------------------------------
 def path_name(path) -> str:
     """'encoder/blocks_0/attn/qkv/kernel' for a pytree key path (optimiser states included)."""

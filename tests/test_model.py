@@ -12,8 +12,8 @@ import pytest
 
 from defusion_jax.convert import convert_official, flax_key, to_torch_layout
 from defusion_jax.models.cross_attention import CABlock, CrossAttentionTask
-from defusion_jax.models.defusion import (build_model, gather_tokens, init_params, masking_from_noise,
-                                          mfm_masking, patchify, unpatchify)
+from defusion_jax.models.defusion import build_model, gather_tokens, init_params, mfm_masking, patchify, unpatchify
+from defusion_jax.models.vit import masking_from_noise
 from defusion_jax.models.vit import sincos_table, softmax_attention
 from defusion_jax.params_io import CheckpointError, flatten
 
@@ -115,7 +115,7 @@ def test_ca_block_residual_is_on_the_query_side():
 
 def test_mfm_masking_is_a_balanced_permutation(fixture_dir):
     with np.load(fixture_dir / "io.npz") as io:
-        keep, restore = masking_from_noise(jnp.asarray(io["mfm_noise"]), 0.75)
+        keep, restore, _ = masking_from_noise(jnp.asarray(io["mfm_noise"]), 0.75)
         np.testing.assert_array_equal(keep, io["mfm_ids_keep"])
         np.testing.assert_array_equal(restore, io["mfm_ids_restore"])
     keep, restore = mfm_masking(jax.random.key(0), 3, 196, 0.75)

@@ -112,3 +112,47 @@ def test_sharded_step_matches_single_device():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "dp ok" in r.stdout and "fsdp ok" in r.stdout and "batch error ok" in r.stdout
     print(r.stdout)
+
+
+COMM_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from configs.pretrain import get_config
+    from defusion_jax import sharding as sh
+    from defusion_jax.models.defusion import DeFusionPP
+    from defusion_jax.tasks.pretrain import PretrainTask
+
+    assert jax.device_count() == 2, jax.devices()
+    cfg = get_config("smoke")
+    cfg.batch_size = 4
+    mesh = sh.make_mesh((("data", -1),))
+    task = PretrainTask(cfg, mesh)
+    frozen = jax.device_put(task.load_frozen(), sh.replicated(mesh))
+    params = jax.device_put(jax.jit(task.init_params)(jax.random.key(0)), sh.replicated(mesh))
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 64, 64, 3), np.float32)
+    put = lambda b: {k: jax.device_put(v, sh.batch_sharding(mesh, v.ndim)) for k, v in b.items()}
+    with jax.set_mesh(mesh):
+        for kind, b in (("single", {"image": x}), ("multi", {"ir": x, "vi": x[::-1]})):
+            grad = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
+            comm = sh.collectives(grad.lower(params, frozen, put(b), jax.random.key(1), 0).compile())
+            # data parallel: the gradients' all-reduce, nothing that moves activations
+            assert set(comm) == {"all-reduce"}, (kind, comm)
+            print(kind, "step ok", comm)
+        b = put({"a": x, "b": x[::-1]})
+        fuse = jax.jit(lambda p, a, b: task.model.apply({"params": p}, a, b, method=DeFusionPP.fuse))
+        comm = sh.collectives(fuse.lower(params, b["a"], b["b"]).compile())
+        assert not comm, comm
+        print("fuse ok")
+""")
+
+
+@pytest.mark.slow
+def test_data_parallel_step_exchanges_only_gradients():
+    """Under a batch-sharded 2-device mesh the training step's only collectives are the gradient
+    all-reduces and fusion has none: the two views of a sample, stacked for the shared encoder and
+    the shared CA blocks, stay on the sample's device (`models.defusion.stack_pair`)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", COMM_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "single step ok" in r.stdout and "multi step ok" in r.stdout and "fuse ok" in r.stdout

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from defusion_jax.models.cross_attention import CABlock
-from defusion_jax.models.vit import Block, restore_masked_tokens, vit_from_config
+from defusion_jax.models.vit import Block, random_masking, restore_masked_tokens, vit_from_config
 
 DIRECTIONS = ("q_view2", "q_view1")
 
@@ -51,21 +51,10 @@ def patchify(images: jax.Array, patch: int = 16) -> jax.Array:
 
 
 def mfm_masking(rng: jax.Array, batch: int, num_tokens: int, mask_ratio: float = 0.75):
-    """MAE-style random masking indices shared by every token category (balanced sampling, Eq. 8).
-
-    Uniform noise is argsorted per sample; the first `int(L * (1 - ratio))` positions are kept.
-    Returns (ids_keep (B, keep), ids_restore (B, L)), both int32, as the official forward
-    computes them from its noise.
-    """
-    noise = jax.random.uniform(rng, (batch, num_tokens))
-    return masking_from_noise(noise, mask_ratio)
-
-
-def masking_from_noise(noise: jax.Array, mask_ratio: float = 0.75):
-    keep = int(noise.shape[1] * (1 - mask_ratio))
-    ids_shuffle = jnp.argsort(noise, axis=1)
-    ids_restore = jnp.argsort(ids_shuffle, axis=1)
-    return ids_shuffle[:, :keep].astype(jnp.int32), ids_restore.astype(jnp.int32)
+    """Random masking indices shared by every token category (balanced sampling, Eq. 8): MAE's
+    masking (`vit.random_masking`), as the official forward computes it from its noise.
+    Returns (ids_keep (B, keep), ids_restore (B, L)), both int32."""
+    return random_masking(rng, batch, num_tokens, mask_ratio)[:2]
 
 
 def gather_tokens(tokens: jax.Array, ids_keep: jax.Array) -> jax.Array:
@@ -74,13 +63,28 @@ def gather_tokens(tokens: jax.Array, ids_keep: jax.Array) -> jax.Array:
     return jnp.concatenate([tokens[:, :1], kept], axis=1)
 
 
+def stack_pair(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(B, ...) twice -> (2B, ...) with the rows interleaved (a0, b0, a1, b1, ...).
+
+    Interleaving rather than concatenating keeps both halves of a sample next to each other, so a
+    batch-sharded input gives a batch-sharded stack whose rows stay on their sample's device: no
+    collective at the stack or the split (concatenation moved half of every array across devices).
+    """
+    return jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
+
+
+def split_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `stack_pair`."""
+    x = x.reshape(-1, 2, *x.shape[1:])
+    return x[:, 0], x[:, 1]
+
+
 def run_stacked(fn, *pairs):
-    """fn applied to two inputs at once: each argument pair (a, b) is stacked along the batch, fn
-    runs once, and its output (any pytree) is split back into (out_a, out_b). For modules applied
-    twice with the same parameters: one pass with matmuls twice as tall."""
-    n = pairs[0][0].shape[0]
-    out = fn(*(jnp.concatenate(pair, axis=0) for pair in pairs))
-    return jax.tree.map(lambda x: x[:n], out), jax.tree.map(lambda x: x[n:], out)
+    """fn applied to two inputs at once: each argument pair (a, b) is stacked along the batch
+    (`stack_pair`), fn runs once, and its output (any pytree) is split back into (out_a, out_b). For
+    modules applied twice with the same parameters: one pass with matmuls twice as tall."""
+    out = fn(*(stack_pair(*pair) for pair in pairs))
+    return jax.tree.map(lambda x: split_pair(x)[0], out), jax.tree.map(lambda x: split_pair(x)[1], out)
 
 
 class DeFusionPP(nn.Module):
@@ -141,13 +145,12 @@ class DeFusionPP(nn.Module):
 
     # ---- H: shared encoder, deep and skip streams -------------------------------------------
     def encode(self, x1, x2, deterministic: bool = True):
-        """Both views through the shared encoder in one batch; returns the deep and skip streams."""
-        b = x1.shape[0]
-        outs = self.encoder(jnp.concatenate([x1, x2], axis=0), deterministic=deterministic,
-                                return_all=True)["all"]
-        deep = outs[-1]  # block-12 tokens, no final LayerNorm (official)
-        skip = self.enc_norm1(outs[0]) + self.enc_norm2(outs[1])
-        return {"embed": outs[0], "deep1": deep[:b], "deep2": deep[b:], "skip1": skip[:b], "skip2": skip[b:]}
+        """Both views through the shared encoder in one batch (`stack_pair`); returns the deep and skip
+        streams, and the patch embeddings as a (view 1, view 2) pair."""
+        outs = self.encoder(stack_pair(x1, x2), deterministic=deterministic, return_all=True)["all"]
+        deep1, deep2 = split_pair(outs[-1])  # block-12 tokens, no final LayerNorm (official)
+        skip1, skip2 = split_pair(self.enc_norm1(outs[0]) + self.enc_norm2(outs[1]))
+        return {"embed": split_pair(outs[0]), "deep1": deep1, "deep2": deep2, "skip1": skip1, "skip2": skip2}
 
     # ---- CA decomposition (Eq. 2) -------------------------------------------------------------
     def common(self, e1, e2, r1, r2, direction, deterministic: bool = True):
@@ -203,8 +206,7 @@ class DeFusionPP(nn.Module):
                                                          direction, deterministic)
         (t["unique1_deep"], t["unique1_skip"]), (t["unique2_deep"], t["unique2_skip"]) = self.unique_pair(
             e["deep1"], e["deep2"], e["skip1"], e["skip2"], deterministic)
-        b = x1.shape[0]
-        t["enc_embed_v1"], t["enc_embed_v2"] = e["embed"][:b], e["embed"][b:]
+        t["enc_embed_v1"], t["enc_embed_v2"] = e["embed"]
         for part in ("common", "unique1", "unique2"):
             t[part] = t[f"{part}_deep"] + t[f"{part}_skip"]
         return t
@@ -287,8 +289,10 @@ class DeFusionPP(nn.Module):
         if not self.multimodal:
             raise ValueError("this DeFusionPP was built with multimodal=False")
         e = self.encode(x1, x2, deterministic)
-        c1 = self.common(e["deep1"], e["deep2"], e["skip1"], e["skip2"], "q_view2", deterministic)
-        c2 = self.common(e["deep1"], e["deep2"], e["skip1"], e["skip2"], "q_view1", deterministic)
+        # both directions in one stacked pass: 'q_view1' is 'q_view2' with the views swapped
+        c1, c2 = run_stacked(lambda *a: self.common(*a, "q_view2", deterministic),
+                             (e["deep1"], e["deep2"]), (e["deep2"], e["deep1"]),
+                             (e["skip1"], e["skip2"]), (e["skip2"], e["skip1"]))
         u1, u2 = self.unique_pair(e["deep1"], e["deep2"], e["skip1"], e["skip2"], deterministic)
         com_w1 = self.mm_common_norm(c1[0] + c1[1])
         com_w2 = self.mm_common_norm(c2[0] + c2[1])

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from defusion_jax.models.vit import Block, ViT, normalize_imagenet, restore_masked_tokens, sincos_table, vit_from_config
+from defusion_jax.models.vit import (Block, ViT, masking_from_noise, normalize_imagenet, random_masking,  # noqa: F401
+                                     restore_masked_tokens, sincos_table, vit_from_config)
 
 MAE_DECODER = dict(width=512, depth=8, heads=16, mlp_dim=2048)  # MAE's ViT-B/L decoder
 
@@ -41,30 +42,6 @@ def unpatchify(x: jax.Array, grid: tuple[int, int], patch: int = 16, channels: i
     gh, gw = grid
     x = x.reshape(b, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, gh * patch, gw * patch, channels)
-
-
-def masking_from_noise(noise: jax.Array, mask_ratio: float):
-    """MAE's `random_masking` given its uniform noise (B, N): the lowest `n_keep` stay visible.
-
-    Returns `ids_keep` (B, n_keep) int32, `ids_restore` (B, N) int32 and `mask` (B, N) float32 with
-    1 = removed; `n_keep = int(N * (1 - mask_ratio))` is static, as jit needs.
-    """
-    batch, n_tokens = noise.shape
-    n_keep = int(n_tokens * (1 - mask_ratio))
-    ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
-    ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
-    ids_keep = ids_shuffle[:, :n_keep]
-    mask = (jnp.arange(n_tokens)[None, :] >= n_keep).astype(jnp.float32)
-    mask = jnp.take_along_axis(jnp.broadcast_to(mask, (batch, n_tokens)), ids_restore, axis=1)
-    return ids_keep, ids_restore, mask
-
-
-def random_masking(rng: jax.Array, batch: int, n_tokens: int, mask_ratio: float):
-    """Per-sample random masking (see `masking_from_noise`), the noise kept with its sample under
-    a batch-sharded mesh."""
-    from defusion_jax.sharding import shard_batch
-
-    return masking_from_noise(shard_batch(jax.random.uniform(rng, (batch, n_tokens))), mask_ratio)
 
 
 def mae_loss(pred: jax.Array, target_images: jax.Array, mask: jax.Array, patch: int = 16,

@@ -108,6 +108,30 @@ def sincos_table_traced(dim: int, grid_h, grid_w, cls_token: bool = True) -> jax
     return emb
 
 
+def masking_from_noise(noise: jax.Array, mask_ratio: float):
+    """MAE's `random_masking` given its uniform noise (B, N): the lowest `n_keep` stay visible.
+
+    Returns `ids_keep` (B, n_keep) int32, `ids_restore` (B, N) int32 and `mask` (B, N) float32 with
+    1 = removed; `n_keep = int(N * (1 - mask_ratio))` is static, as jit needs.
+    """
+    batch, n_tokens = noise.shape
+    n_keep = int(n_tokens * (1 - mask_ratio))
+    ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
+    ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = (jnp.arange(n_tokens)[None, :] >= n_keep).astype(jnp.float32)
+    mask = jnp.take_along_axis(jnp.broadcast_to(mask, (batch, n_tokens)), ids_restore, axis=1)
+    return ids_keep, ids_restore, mask
+
+
+def random_masking(rng: jax.Array, batch: int, n_tokens: int, mask_ratio: float):
+    """Per-sample random masking (see `masking_from_noise`), the noise kept with its sample under
+    a batch-sharded mesh."""
+    from defusion_jax.sharding import shard_batch
+
+    return masking_from_noise(shard_batch(jax.random.uniform(rng, (batch, n_tokens))), mask_ratio)
+
+
 def restore_masked_tokens(x: jax.Array, mask_token: jax.Array, ids_restore: jax.Array,
                           grid: tuple[int, int]) -> jax.Array:
     """MAE-style interpolation: append mask tokens after the kept ones, unshuffle with
