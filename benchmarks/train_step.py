@@ -2,9 +2,12 @@
 
     python benchmarks/train_step.py --config=configs/pretrain.py --batch=4 --crop=224 --steps=5
     python benchmarks/train_step.py --config=configs/pretrain.py:official,cud --batch=256 --dtype=bfloat16 --steps=20
+    python benchmarks/train_step.py --config=configs/pretrain.py:official,cud --batch=2048 --devices=0   # all GPUs
 
 The step is the trainer's update (defusion_jax.train: the task's loss_fn, value_and_grad, optax
-update, gradient and parameter norms), jitted with the train state donated, on device 0. Batches
+update, gradient and parameter norms), jitted with the train state donated, on device 0, or with
+`--devices N` data-parallel over the first N local devices (0 = all; the batch sharded, the state
+replicated, as the trainer's default mesh does; on a CPU, N host devices share its cores). Batches
 are made once and kept on the device, and `--steps` steps are dispatched back to back with a single
 synchronisation at the end, so the figure is the device's, without host or input-pipeline stalls
 (the input pipeline is measured by the trainer's own logs: it prefetches with worker threads).
@@ -13,7 +16,11 @@ synchronisation at the end, so the figure is the device's, without host or input
   --kind multi   a multi-modal MCUD batch (IR/visible pairs) against two frozen ViT teachers; without
                  converted teachers in the config, random ViT-B/16 teachers of the real size are used
 MFU = flops_per_step * steps/s / matmul peak, where the peak is measured on the same device, in the
-compute dtype, in the same run (so it is the achievable, not the datasheet, peak).
+compute dtype, in the same run (so it is the achievable, not the datasheet, peak). With N devices,
+flops_per_step is summed over the devices (XLA counts one device's program: times N; the replicated
+optimiser update and norms are done, and counted, on every device) and the peak is
+device 0's times N on accelerators, device 0's alone on a CPU (there the host devices share the
+cores device 0 measured with).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="config.compute_dtype override (float32 / bfloat16)")
     ap.add_argument("--remat", action="store_true", help="config.remat = True")
     ap.add_argument("--kind", choices=("single", "multi"), default="single")
+    ap.add_argument("--devices", type=int, default=1, help="data-parallel over the first N local devices (0 = all)")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement (no MFU)")
     ap.add_argument("--xla-flags", default="")
     args = ap.parse_args(argv)
@@ -59,7 +67,10 @@ def main(argv=None):
     import jax
     import numpy as np
 
+    if args.devices > 1:  # only the CPU backend reads it; before any backend starts
+        jax.config.update("jax_num_cpu_devices", args.devices)
     try:
+        from defusion_jax import sharding as sh
         from defusion_jax import train as trainer
         from defusion_jax.tasks import get_task
     except ImportError as e:
@@ -91,12 +102,24 @@ def main(argv=None):
     record.update(_common.host_info())
     record["xla_flags"] = flags
 
-    task = get_task(config.task)(config, None)
+    devices = jax.local_devices()[: args.devices or None]
+    if len(devices) < max(args.devices, 1):
+        print(f"error: --devices {args.devices} but only {len(devices)} local devices", file=sys.stderr)
+        return 2
+    mesh = sh.make_mesh((("data", -1),), devices=devices)
+    try:
+        sh.batch_size_per_device(mesh, args.batch)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    record["devices"] = len(devices)
+    rep, data = sh.replicated(mesh), sh.batch_sharding(mesh, 4)
+    task = get_task(config.task)(config, mesh)
     tx, lr_fn = trainer.build_optimizer(config)
-    frozen = jax.device_put(task.load_frozen())
+    frozen = jax.device_put(task.load_frozen(), rep)
 
-    init_state, train_step = trainer.make_step_fns(task, tx, lr_fn)  # the trainer's own update (one device)
-    state = jax.jit(init_state)(*jax.random.split(jax.random.key(0)))
+    init_state, train_step = trainer.make_step_fns(task, tx, lr_fn)  # the trainer's own update
+    state = jax.jit(init_state, out_shardings=rep)(*jax.random.split(jax.random.key(0)))
     record["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))
     rng = np.random.default_rng(0)
     shape = (args.batch, args.crop, args.crop, 3)
@@ -104,14 +127,18 @@ def main(argv=None):
         batch = {"image": rng.random(shape, dtype=np.float32)}
     else:
         batch = {"ir": rng.random(shape, dtype=np.float32), "vi": rng.random(shape, dtype=np.float32)}
-    batch = jax.device_put(batch)
+    batch = jax.device_put(batch, data)
 
-    step_fn = jax.jit(train_step, donate_argnums=(0,))
+    step_fn = jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep))
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, frozen, batch).compile()
+    with jax.set_mesh(mesh):
+        compiled = step_fn.lower(state, frozen, batch).compile()
     record["compile_s"] = round(time.perf_counter() - t0, 1)
     flops = _common.compiled_flops(compiled)
+    flops = flops * len(devices) if flops else flops
     record["flops_per_step"] = flops
+    if len(devices) > 1:
+        record["collectives"] = sh.collectives(compiled)
     for _ in range(args.warmup):
         state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
@@ -133,6 +160,8 @@ def main(argv=None):
     if not args.no_peak:
         dtype = "bfloat16" if "bfloat16" in record["compute_dtype"] else "float32"
         record.update(_common.matmul_peak_flops(dtype))
+        if jax.default_backend() != "cpu":
+            record["matmul_peak_flops"] *= len(devices)
         if flops:
             record["mfu"] = round(flops / step_s / record["matmul_peak_flops"], 4)
     return _common.finish(record)
