@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import re
@@ -143,10 +144,7 @@ def collectives(compiled) -> dict[str, int]:
     """Cross-device operations in a compiled program (`jit(f).lower(...).compile()` or its
     `as_text()`), by kind: how a step's communication is checked rather than assumed."""
     text = compiled if isinstance(compiled, str) else compiled.as_text()
-    counts: dict[str, int] = {}
-    for m in _COLLECTIVE.finditer(text):
-        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-    return counts
+    return dict(collections.Counter(m.group(1) for m in _COLLECTIVE.finditer(text)))
 
 
 # ---- parameter placement -----------------------------------------------------------------------

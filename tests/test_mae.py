@@ -44,7 +44,7 @@ def test_patchify_is_maes_order_and_inverts():
 
 def test_masking_from_noise_keeps_the_lowest_noise():
     noise = jax.random.uniform(jax.random.key(0), (3, 196))
-    keep, restore, mask = (np.asarray(a) for a in M.masking_from_noise(noise, 0.75))
+    keep, restore, mask = (np.asarray(a) for a in vit.masking_from_noise(noise, 0.75))
     assert keep.shape == (3, 49) and restore.shape == (3, 196)
     np.testing.assert_array_equal(mask.sum(1), [147] * 3)
     for b in range(3):
@@ -52,7 +52,7 @@ def test_masking_from_noise_keeps_the_lowest_noise():
         assert (mask[b, keep[b]] == 0).all()
         shuffle = np.argsort(np.asarray(noise[b]))
         np.testing.assert_array_equal(shuffle[restore[b]], np.arange(196))  # restore un-shuffles
-    k2, _, m2 = M.random_masking(jax.random.key(1), 3, 196, 0.75)
+    k2, _, m2 = vit.random_masking(jax.random.key(1), 3, 196, 0.75)
     assert k2.shape == (3, 49) and float(m2.mean()) == 0.75
 
 
@@ -180,7 +180,7 @@ def test_mae_matches_pytorch_mae_and_full_checkpoint_converts(tmp_path):
     with torch.no_grad():
         loss_t, pred_t, mask_t = ref(torch.from_numpy(xn.transpose(0, 3, 1, 2)), torch.from_numpy(noise))
     out = jax.jit(lambda p, x, ids: model.apply({"params": p}, x, None, ids=ids))(
-        params, jnp.asarray(x01), M.masking_from_noise(jnp.asarray(noise), 0.75))
+        params, jnp.asarray(x01), vit.masking_from_noise(jnp.asarray(noise), 0.75))
     np.testing.assert_array_equal(np.asarray(out["mask"]), mask_t.numpy())
     err = float(np.abs(np.asarray(out["pred"]) - pred_t.numpy()).max())
     loss = float(M.mae_loss(out["pred"], out["target_images"], out["mask"]))

@@ -13,8 +13,7 @@ import pytest
 from defusion_jax.convert import convert_official, flax_key, to_torch_layout
 from defusion_jax.models.cross_attention import CABlock, CrossAttentionTask
 from defusion_jax.models.defusion import build_model, gather_tokens, init_params, mfm_masking, patchify, unpatchify
-from defusion_jax.models.vit import masking_from_noise
-from defusion_jax.models.vit import sincos_table, softmax_attention
+from defusion_jax.models.vit import masking_from_noise, sincos_table, softmax_attention
 from defusion_jax.params_io import CheckpointError, flatten
 
 

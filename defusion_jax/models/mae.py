@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from defusion_jax.models.vit import (Block, ViT, masking_from_noise, normalize_imagenet, random_masking,  # noqa: F401
-                                     restore_masked_tokens, sincos_table, vit_from_config)
+from defusion_jax.models.vit import (Block, ViT, normalize_imagenet, random_masking, restore_masked_tokens,
+                                     sincos_table, vit_from_config)
 
 MAE_DECODER = dict(width=512, depth=8, heads=16, mlp_dim=2048)  # MAE's ViT-B/L decoder
 
