@@ -1,13 +1,15 @@
 """A/B of the trainer step and the eval forward: two persistent processes taking turns.
 
     python benchmarks/ab_step.py --a PATH_A --b PATH_B [--a-devices 1 --b-devices 2] [--rounds 8 --calls 4]
+    python benchmarks/ab_step.py --a . --b . --b-xla-flags=--xla_cpu_enable_fast_math=true   # an XLA flag
 
 PATH_A / PATH_B are checkouts of this repository (e.g. `git worktree add /tmp/old <commit>`; the
 same path twice to compare device counts). Each side is a process of its own that imports its
-checkout, compiles the official-recipe CUD trainer step and the deterministic full forward (batch
-`--batch`, `--crop`), data-parallel over `--X-devices` host devices (`jax_num_cpu_devices`; the
-batch sharded, parameters replicated), and then times `--calls` calls per turn, the two sides
-alternating and swapping who goes first every round. The first `--skip-rounds` rounds are dropped:
+checkout, compiles the official-recipe CUD trainer step (`train.jit_train_step`) and the
+deterministic full forward (batch `--batch`, `--crop`), data-parallel over `--X-devices` host
+devices (`jax_num_cpu_devices`; the batch sharded, parameters replicated), with `--X-xla-flags`
+added to its XLA_FLAGS, and then times `--calls` calls per turn, the two sides alternating and
+swapping who goes first every round. The first `--skip-rounds` rounds are dropped:
 on the 2-core CPU kind our process runs its first ~6-8 calls slower, and the machine's speed drifts
 by 10-30 % within minutes, which one process timed after the other would read as a difference.
 Prints one JSON line: per side and kind the median, min and max ms per call and the ratio b / a.
@@ -50,8 +52,7 @@ def worker(repo: str, devices: int, batch: int, crop: int) -> None:
     model = build_model({})
     with jax.set_mesh(mesh):
         state = {"s": jax.jit(init_state, out_shardings=rep)(*jax.random.split(jax.random.key(0)))}
-        step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(rep, rep, {"image": data}),
-                       out_shardings=(rep, rep))
+        step = trainer.jit_train_step(train_step, mesh)
         images = {"image": jax.device_put(x, data)}
         params = jax.device_put(init_params(model, jax.random.key(0), (crop, crop)), rep)
         forward = jax.jit(lambda p, a, b, r: model.apply({"params": p}, a, b, rngs={"mfm": r}))
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--b", help="checkout B (required)")
     ap.add_argument("--a-devices", type=int, default=1)
     ap.add_argument("--b-devices", type=int, default=1)
+    ap.add_argument("--a-xla-flags", default="", help="XLA_FLAGS added for side a only")
+    ap.add_argument("--b-xla-flags", default="", help="XLA_FLAGS added for side b only")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=8)
@@ -99,6 +102,7 @@ def main(argv=None) -> int:
     if args.rounds <= args.skip_rounds:
         ap.error("--rounds must exceed --skip-rounds")
     sides = {"a": (os.path.abspath(args.a), args.a_devices), "b": (os.path.abspath(args.b), args.b_devices)}
+    side_flags = {"a": args.a_xla_flags, "b": args.b_xla_flags}
     for repo, _ in sides.values():
         if not (Path(repo) / "defusion_jax").is_dir():
             ap.error(f"{repo} is not a checkout of this repository (no defusion_jax/)")
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
     for name, (repo, devices) in sides.items():  # one after the other: compilation is not timed
         procs[name] = subprocess.Popen(
             [sys.executable, __file__, "--worker", repo, str(devices), "--batch", str(args.batch),
-             "--crop", str(args.crop)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+             "--crop", str(args.crop)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env={**os.environ, "XLA_FLAGS": " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), side_flags[name]) if f)})
         ready = procs[name].stdout.readline()
         if not ready:
             print(f"error: side {name} ({repo}) did not start", file=sys.stderr)
@@ -128,6 +133,7 @@ def main(argv=None) -> int:
         p.wait()
     record = {"benchmark": "ab_step", "batch": args.batch, "crop": args.crop,
               "a": sides["a"][0], "a_devices": args.a_devices, "b": sides["b"][0], "b_devices": args.b_devices,
+              "a_xla_flags": args.a_xla_flags, "b_xla_flags": args.b_xla_flags,
               "calls_per_side_and_kind": (args.rounds - args.skip_rounds) * args.calls}
     for key, ts in times.items():
         record[f"{key}_ms"] = round(statistics.median(ts), 1)

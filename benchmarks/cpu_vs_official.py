@@ -182,6 +182,7 @@ def ours_train_step(kind: str, batch: int, crop: int, dtype: str, remat: bool):
     if kind in ("auto", "trainer"):
         try:
             from configs.pretrain import get_config
+            from defusion_jax import sharding as sh
             from defusion_jax import train as trainer
             from defusion_jax.tasks import get_task
         except ImportError as e:
@@ -195,12 +196,13 @@ def ours_train_step(kind: str, batch: int, crop: int, dtype: str, remat: bool):
             config.compute_dtype = dtype
             config.remat = remat
             config.total_steps = 10**6
-            task = get_task(config.task)(config, None)
+            mesh = sh.make_mesh(devices=jax.devices()[:1])
+            task = get_task(config.task)(config, mesh)
             tx, lr_fn = trainer.build_optimizer(config)
 
             init_state, train_step = trainer.make_step_fns(task, tx, lr_fn)  # the trainer's own update
             state = jax.jit(init_state)(*jax.random.split(jax.random.key(0)))
-            step = jax.jit(train_step, donate_argnums=(0,))
+            step = trainer.jit_train_step(train_step, mesh)  # the trainer's program, on one device
             label = ("trainer step (defusion_jax.train update, tasks.pretrain loss_fn, configs/pretrain.py:"
                      "official,cud; views drawn on device)")
             def call(st, b):

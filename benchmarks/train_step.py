@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --config=configs/pretrain.py --batch=4 --crop=224 --steps=5
     python benchmarks/train_step.py --config=configs/pretrain.py:official,cud --batch=256 --dtype=bfloat16 --steps=20
     python benchmarks/train_step.py --config=configs/pretrain.py:official,cud --batch=2048 --devices=0   # all GPUs
+    srun python benchmarks/train_step.py --config=configs/pretrain.py:official,cud --batch=8192 --devices=0   # a job
 
 The step is the trainer's update (defusion_jax.train: the task's loss_fn, value_and_grad, optax
 update, gradient and parameter norms), jitted with the train state donated, on device 0, or with
@@ -11,6 +12,13 @@ replicated, as the trainer's default mesh does; on a CPU, N host devices share i
 are made once and kept on the device, and `--steps` steps are dispatched back to back with a single
 synchronisation at the end, so the figure is the device's, without host or input-pipeline stalls
 (the input pipeline is measured by the trainer's own logs: it prefetches with worker threads).
+
+Multi-process: where the environment says the job has several processes (Slurm, a TPU pod, or
+DEFUSION_COORDINATOR / DEFUSION_NUM_PROCESSES / DEFUSION_PROCESS_ID, as `launch/` sets them), the
+benchmark joins them through `jax.distributed` as the trainer does; `--devices 0` is then every
+device of the job, each process feeds its share of the global batch, and process 0 prints the line
+(`processes`, `devices` = the job's). On one machine, e.g. two CPU processes:
+`PYTHONPATH=benchmarks launch/multi_gpu_local.sh --procs 2 --platform cpu --module train_step -- --devices 0`.
 
   --kind single  a single-modal CUD + MFM batch (clean images; the views are drawn on device)
   --kind multi   a multi-modal MCUD batch (IR/visible pairs) against two frozen ViT teachers; without
@@ -67,8 +75,6 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    if args.devices > 1:  # only the CPU backend reads it; before any backend starts
-        jax.config.update("jax_num_cpu_devices", args.devices)
     try:
         from defusion_jax import sharding as sh
         from defusion_jax import train as trainer
@@ -78,6 +84,13 @@ def main(argv=None):
               file=sys.stderr)
         return 2
 
+    multi_process = sh.distributed_request() is not None
+    if multi_process and args.devices != 0:
+        print("error: a multi-process job measures every device of the job: pass --devices 0", file=sys.stderr)
+        return 2
+    if args.devices > 1:  # only the CPU backend reads it; before any backend starts
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    sh.maybe_initialize_distributed()  # as the trainer's main does, before any device is touched
     _common.enable_compilation_cache()
     config = load_config(args.config)
     config.batch_size, config.image_size = args.batch, args.crop
@@ -102,7 +115,7 @@ def main(argv=None):
     record.update(_common.host_info())
     record["xla_flags"] = flags
 
-    devices = jax.local_devices()[: args.devices or None]
+    devices = jax.devices() if multi_process else jax.local_devices()[: args.devices or None]
     if len(devices) < max(args.devices, 1):
         print(f"error: --devices {args.devices} but only {len(devices)} local devices", file=sys.stderr)
         return 2
@@ -112,7 +125,7 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    record["devices"] = len(devices)
+    record["devices"], record["processes"] = len(devices), jax.process_count()
     rep, data = sh.replicated(mesh), sh.batch_sharding(mesh, 4)
     task = get_task(config.task)(config, mesh)
     tx, lr_fn = trainer.build_optimizer(config)
@@ -127,9 +140,11 @@ def main(argv=None):
         batch = {"image": rng.random(shape, dtype=np.float32)}
     else:
         batch = {"ir": rng.random(shape, dtype=np.float32), "vi": rng.random(shape, dtype=np.float32)}
-    batch = jax.device_put(batch, data)
+    rows = slice(jax.process_index() * args.batch // jax.process_count(),
+                 (jax.process_index() + 1) * args.batch // jax.process_count())
+    batch = {k: jax.make_array_from_process_local_data(data, v[rows], v.shape) for k, v in batch.items()}
 
-    step_fn = jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep))
+    step_fn = trainer.jit_train_step(train_step, mesh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(state, frozen, batch).compile()
@@ -162,9 +177,11 @@ def main(argv=None):
         record.update(_common.matmul_peak_flops(dtype))
         if jax.default_backend() != "cpu":
             record["matmul_peak_flops"] *= len(devices)
+        elif multi_process:  # CPU processes: each measured its own share of the machine
+            record["matmul_peak_flops"] *= jax.process_count()
         if flops:
             record["mfu"] = round(flops / step_s / record["matmul_peak_flops"], 4)
-    return _common.finish(record)
+    return _common.finish(record) if jax.process_index() == 0 else 0
 
 
 if __name__ == "__main__":

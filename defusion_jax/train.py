@@ -134,6 +134,16 @@ def make_step_fns(task, tx, lr_fn):
     return init_state, train_step
 
 
+def jit_train_step(train_step, mesh, state_sharding=None):
+    """`train_step` jitted as the trainer runs it: the state donated and kept in `state_sharding`
+    (default: replicated), the frozen parameters and metrics replicated, every batch leaf sharded
+    on its leading axis over the mesh's batch axes. The benchmarks time this same program."""
+    repl = sh.replicated(mesh)
+    state_sharding = repl if state_sharding is None else state_sharding
+    return jax.jit(train_step, in_shardings=(state_sharding, repl, sh.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, repl), donate_argnums=(0,))
+
+
 # ---- small helpers -------------------------------------------------------------------------------
 class _StopFlag:
     """Set by SIGTERM/SIGINT in a single-process run; checked once per step."""
@@ -332,9 +342,7 @@ def _train(config, workdir) -> dict:
         checkpoints.write_model_config(workdir, task.model_config(), {"task": config.task, "source": str(workdir)})
 
     # ================================ Update step ================================================
-    batch_in = sh.batch_sharding(mesh)  # prefix sharding: leading axis of every batch leaf
-    step_fn = _memo(programs, "step", lambda: jax.jit(train_step, in_shardings=(state_sharding, repl, batch_in),
-                                                      out_shardings=(state_sharding, repl), donate_argnums=(0,)))
+    step_fn = _memo(programs, "step", lambda: jit_train_step(train_step, mesh, state_sharding))
     panel_every = int(_cfg_get(config, "panel_every", 0))
     panel_fn = _memo(programs, "panel", lambda: _ordered_panel(task, repl)) if panel_every else None
 
