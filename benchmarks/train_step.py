@@ -149,6 +149,7 @@ def main(argv=None):
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(state, frozen, batch).compile()
     record["compile_s"] = round(time.perf_counter() - t0, 1)
+    sh.wait_for_all_processes("train_step_compiled")
     flops = _common.compiled_flops(compiled)
     flops = flops * len(devices) if flops else flops
     record["flops_per_step"] = flops

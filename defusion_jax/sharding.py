@@ -75,6 +75,18 @@ def log_topology() -> None:
                  ", ".join(str(d) for d in jax.local_devices()))
 
 
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """Barrier through the jax.distributed coordinator (not a device collective); no-op alone.
+
+    For after ahead-of-time compilation: processes can finish compiling minutes apart (one hits the
+    compilation cache, one does not), longer than the 30 s a CPU (gloo) collective waits for its
+    peers when it first sets up its context, so the first step would fail."""
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+
+        ocp.multihost.sync_global_processes(name, timeout=timeout_s, processes=set(range(jax.process_count())))
+
+
 # ---- mesh --------------------------------------------------------------------------------------
 def make_mesh(axes: Sequence[Sequence[Any]] = (("data", -1),), axis_types: str = "auto",
               devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
