@@ -213,6 +213,7 @@ PROBE = """\
 import jax, numpy as np
 from defusion_jax import sharding
 started = sharding.maybe_initialize_distributed()
+sharding.wait_for_all_processes("probe")  # the coordinator barrier the benchmarks use after compiling
 from jax.experimental import multihost_utils
 got = multihost_utils.process_allgather(np.array([jax.process_index()])).ravel().tolist()
 print(f"probe started={started} index={jax.process_index()} count={jax.process_count()} "
