@@ -78,9 +78,10 @@ def log_topology() -> None:
 def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
     """Barrier through the jax.distributed coordinator (not a device collective); no-op alone.
 
-    For after ahead-of-time compilation: processes can finish compiling minutes apart (one hits the
-    compilation cache, one does not), longer than the 30 s a CPU (gloo) collective waits for its
-    peers when it first sets up its context, so the first step would fail."""
+    For after ahead-of-time compilation, where processes can finish minutes apart (one hits the
+    compilation cache, one does not). Seen with two pinned CPU processes: the first step's gloo
+    context setup failed with a 30 s GetKeyValue timeout while the other process still compiled
+    (`benchmarks/train_step.py`; an idle peer, e.g. one sleeping 100 s, did not trigger it)."""
     if jax.process_count() > 1:
         import orbax.checkpoint as ocp
 
