@@ -126,7 +126,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     record["devices"], record["processes"] = len(devices), jax.process_count()
-    rep, data = sh.replicated(mesh), sh.batch_sharding(mesh, 4)
+    rep = sh.replicated(mesh)
     task = get_task(config.task)(config, mesh)
     tx, lr_fn = trainer.build_optimizer(config)
     frozen = jax.device_put(task.load_frozen(), rep)
@@ -142,7 +142,7 @@ def main(argv=None):
         batch = {"ir": rng.random(shape, dtype=np.float32), "vi": rng.random(shape, dtype=np.float32)}
     rows = slice(jax.process_index() * args.batch // jax.process_count(),
                  (jax.process_index() + 1) * args.batch // jax.process_count())
-    batch = {k: jax.make_array_from_process_local_data(data, v[rows], v.shape) for k, v in batch.items()}
+    batch = trainer.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
 
     step_fn = trainer.jit_train_step(train_step, mesh)
     t0 = time.perf_counter()

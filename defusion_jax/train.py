@@ -168,8 +168,9 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _global_batch(batch, mesh):
-    """This process's rows -> global jax.Arrays sharded over the batch axes."""
+def global_batch(batch, mesh):
+    """This process's rows -> global jax.Arrays sharded over the batch axes (the trainer's input
+    placement; `benchmarks/train_step.py` feeds its batches through it too)."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, x.ndim), x), batch)
 
 
@@ -362,7 +363,7 @@ def _train(config, workdir) -> dict:
     try:
         for step in range(first_step + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = _global_batch(next(train_iter), mesh)
+                batch = global_batch(next(train_iter), mesh)
                 with jax.set_mesh(mesh):
                     state, metrics = step_fn(state, frozen, batch)
             pending.append((step, metrics))
