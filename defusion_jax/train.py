@@ -258,12 +258,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         jax.config.update("jax_disable_most_optimizations", True)
     logging_utils.quiet_library_logs()
     try:
-        return _train(config, workdir)
+        # The writer, checkpointer and signal handlers close on every exit, a failed start-up too:
+        # left to atexit, tensorboardX's writer raises at interpreter shutdown on Python 3.12.
+        with contextlib.ExitStack() as cleanup:
+            return _train(config, workdir, cleanup)
     finally:
         jax.config.update("jax_disable_most_optimizations", fast_compile_before)
 
 
-def _train(config, workdir) -> dict:
+def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     # ================================ Logging ====================================================
     workdir = Path(workdir).absolute()
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -272,7 +275,8 @@ def _train(config, workdir) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n"
                                              if hasattr(config, "to_json_best_effort") else json.dumps(dict(config)))
-    writer = logging_utils.MetricWriter(workdir, enabled=pidx == 0, tensorboard=_cfg_get(config, "tensorboard", True))
+    writer = cleanup.enter_context(contextlib.closing(
+        logging_utils.MetricWriter(workdir, enabled=pidx == 0, tensorboard=_cfg_get(config, "tensorboard", True))))
     total = int(config.total_steps)
 
     # ================================ Mesh =======================================================
@@ -315,19 +319,19 @@ def _train(config, workdir) -> dict:
                                   state_shape, state_sharding)
 
     # ================================ Restore or sharded init ====================================
-    ckpt = checkpoints.Checkpointer(workdir / checkpoints.CKPT_DIR, every=int(config.ckpt_every),
-                                    keep=int(_cfg_get(config, "keep_checkpoints", 3)),
-                                    async_save=bool(_cfg_get(config, "async_checkpoints", True)))
+    ckpt = cleanup.enter_context(contextlib.closing(
+        checkpoints.Checkpointer(workdir / checkpoints.CKPT_DIR, every=int(config.ckpt_every),
+                                 keep=int(_cfg_get(config, "keep_checkpoints", 3)),
+                                 async_save=bool(_cfg_get(config, "async_checkpoints", True)))))
     with jax.set_mesh(mesh):
         if ckpt.latest_step() is not None:
             state = ckpt.restore(ckpt.latest_step(), abstract_state, train_iter)
             origin = f"resumed {workdir} at step {ckpt.latest_step()}"
         elif _cfg_get(config, "resume"):
             src_dir, src_step = checkpoints.locate(config.resume)
-            src = checkpoints.Checkpointer(src_dir, read_only=True)
-            src_step = src.latest_step() if src_step is None else src_step
-            state = src.restore(src_step, abstract_state, train_iter)
-            src.close()
+            with contextlib.closing(checkpoints.Checkpointer(src_dir, read_only=True)) as src:
+                src_step = src.latest_step() if src_step is None else src_step
+                state = src.restore(src_step, abstract_state, train_iter)
             origin = f"resumed from config.resume={config.resume} at step {src_step}"
         else:
             init_fn = _memo(programs, "init", lambda: jax.jit(init_state, out_shardings=state_sharding))
@@ -355,74 +359,71 @@ def _train(config, workdir) -> dict:
     stop = _StopFlag()
     if pcount == 1:  # multi-process jobs get SIGTERM through JAX's preemption notice (below)
         stop.install()
+    cleanup.callback(stop.restore)
     progress = logging_utils.Progress(total, int(config.batch_size), first_step)
     pending, last_checked, status = [], first_step, "done"
     step = first_step
     if first_step >= total:
         logging.info("nothing to do: step %d >= total_steps %d", first_step, total)
-    try:
-        for step in range(first_step + 1, total + 1):
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = global_batch(next(train_iter), mesh)
-                with jax.set_mesh(mesh):
-                    state, metrics = step_fn(state, frozen, batch)
-            pending.append((step, metrics))
-            if step == first_step + 1:
-                jax.block_until_ready(metrics)
-                logging.info("first step done (compiled) at step %d", step)
-                progress.started(step)
+    for step in range(first_step + 1, total + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = global_batch(next(train_iter), mesh)
+            with jax.set_mesh(mesh):
+                state, metrics = step_fn(state, frozen, batch)
+        pending.append((step, metrics))
+        if step == first_step + 1:
+            jax.block_until_ready(metrics)
+            logging.info("first step done (compiled) at step %d", step)
+            progress.started(step)
 
-            preempted = stop.signum is not None or ckpt.reached_preemption(step)
-            last = step == total or (stop_after and step - first_step >= stop_after)
-            saving = (ckpt_every and step % ckpt_every == 0) or last or preempted
-            if step % log_every == 0 or saving:
-                pending = [(s, jax.device_get(m)) for s, m in pending]
-                _check_finite(pending, last_checked, ckpt.latest_step())
-                last_checked = step
-                if step % log_every == 0 or last:
-                    values = _mean_metrics(pending)
-                    values["data/skipped_images"] = pipeline.skipped_files()
-                    speed = progress.report(step)
-                    values.update(speed)
-                    writer.scalars(step, values)
-                    logging.info("%s", logging_utils.progress_line(step, total, values, speed, task.console_keys))
-                    pending = []
-            if panel_fn is not None and (step % panel_every == 0 or last):  # every process runs it
-                t0 = time.perf_counter()
-                with jax.set_mesh(mesh):
-                    cols = panel_fn(state["params"], frozen, batch,
-                                    jax.random.fold_in(jax.random.key(int(config.seed) + 1), step))
-                if pidx == 0 and cols:
-                    grid = logging_utils.image_grid(cols)
-                    logging_utils.save_panel(workdir, step, grid)
-                    writer.image(step, "panel", grid)
-                progress.pause(time.perf_counter() - t0)
-            if eval_every and (step % eval_every == 0 or last):
-                t0 = time.perf_counter()
-                ev = task.evaluate(state["params"], frozen, step)
-                if ev:
-                    writer.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
-                    logging.info("eval at step %d: %s", step, ev)
-                progress.pause(time.perf_counter() - t0)
-            if saving:
-                t0 = time.perf_counter()
-                ckpt.save(step, state, train_iter, force=True)
-                progress.pause(time.perf_counter() - t0)
-            if preempted:
-                ckpt.wait()
-                status = "preempted"
-                logging.warning("stopped at step %d after a termination signal; checkpoint saved. Run the same "
-                                "command again to resume.", step)
-                break
-            if last and step != total:
-                status = "stopped"
-                logging.info("stop_after=%d reached at step %d; checkpoint saved", stop_after, step)
-                break
-        else:
-            if first_step < total:
-                task.final_report(state["params"], frozen, str(workdir))
-    finally:
-        stop.restore()
-        ckpt.close()
-        writer.close()
+        preempted = stop.signum is not None or ckpt.reached_preemption(step)
+        last = step == total or (stop_after and step - first_step >= stop_after)
+        saving = (ckpt_every and step % ckpt_every == 0) or last or preempted
+        if step % log_every == 0 or saving:
+            pending = [(s, jax.device_get(m)) for s, m in pending]
+            _check_finite(pending, last_checked, ckpt.latest_step())
+            last_checked = step
+            if step % log_every == 0 or last:
+                values = _mean_metrics(pending)
+                values["data/skipped_images"] = pipeline.skipped_files()
+                speed = progress.report(step)
+                values.update(speed)
+                writer.scalars(step, values)
+                logging.info("%s", logging_utils.progress_line(step, total, values, speed, task.console_keys))
+                pending = []
+        if panel_fn is not None and (step % panel_every == 0 or last):  # every process runs it
+            t0 = time.perf_counter()
+            with jax.set_mesh(mesh):
+                cols = panel_fn(state["params"], frozen, batch,
+                                jax.random.fold_in(jax.random.key(int(config.seed) + 1), step))
+            if pidx == 0 and cols:
+                grid = logging_utils.image_grid(cols)
+                logging_utils.save_panel(workdir, step, grid)
+                writer.image(step, "panel", grid)
+            progress.pause(time.perf_counter() - t0)
+        if eval_every and (step % eval_every == 0 or last):
+            t0 = time.perf_counter()
+            ev = task.evaluate(state["params"], frozen, step)
+            if ev:
+                writer.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
+                logging.info("eval at step %d: %s", step, ev)
+            progress.pause(time.perf_counter() - t0)
+        if saving:
+            t0 = time.perf_counter()
+            ckpt.save(step, state, train_iter, force=True)
+            progress.pause(time.perf_counter() - t0)
+        if preempted:
+            ckpt.wait()
+            status = "preempted"
+            logging.warning("stopped at step %d after a termination signal; checkpoint saved. Run the same "
+                            "command again to resume.", step)
+            break
+        if last and step != total:
+            status = "stopped"
+            logging.info("stop_after=%d reached at step %d; checkpoint saved", stop_after, step)
+            break
+    else:
+        if first_step < total:
+            task.final_report(state["params"], frozen, str(workdir))
+    ckpt.wait()  # the step reported is on disk
     return {"status": status, "step": step, "checkpoint": ckpt.latest_step(), "workdir": str(workdir)}

@@ -219,6 +219,25 @@ def test_non_finite_loss_stops_with_the_step_range(tmp_path, lr, first_bad):
         assert np.all(np.isfinite(params["w"]))
 
 
+def test_failed_start_up_closes_the_writer_and_signal_handlers(tmp_path, monkeypatch):
+    """A run that fails before its first step still closes its metric writer (left to atexit, a
+    tensorboardX writer raises at interpreter shutdown on Python 3.12), and one that fails inside
+    the loop puts the signal handlers back."""
+    closed = []
+    close = logging_utils.MetricWriter.close
+    monkeypatch.setattr(logging_utils.MetricWriter, "close", lambda self: (closed.append(self._tb), close(self)))
+    with pytest.raises(train.ConfigError, match="^mesh:"):
+        train_here(tmp_path / "a", mesh=(("data", 2),))
+    assert len(closed) == 1 and closed[0] is not None  # the tensorboard writer was open, then closed
+
+    before = signal.getsignal(signal.SIGTERM)
+    c = smoke_config(task="test_train", stop_after=0, log_every=1, panel_every=0, ckpt_every=0)
+    c.schedule.base_lr = 1e39
+    with pytest.raises(train.NonFiniteLoss):
+        train.train_and_evaluate(c, str(tmp_path / "b"))
+    assert len(closed) == 2 and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_config_errors_are_one_line(tmp_path):
     """The command line: configuration mistakes end with one 'error: ...' line and exit code 2."""
     r = run_main(tmp_path / "a", "--config.mesh=(('data', 2),)", expect_rc=2)
