@@ -2,62 +2,105 @@
 # One-GPU check, for when a GPU is lent: parity at highest matmul precision, then the benchmarks in
 # bf16. Budget: under 8 minutes on one H100 (each step has its own timeout; compilation is most of it).
 #
-#   bash benchmarks/gpu_check.sh                 # results: one JSON line per benchmark in $OUT (or ./gpu_check_out)
+#   bash benchmarks/gpu_check.sh                     # results: one JSON line per benchmark in ./gpu_check_out
 #   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # tiny sizes, runs on CPU too (checks the script itself)
 #
-# Environment: OUT (result folder), PYTHON (default python), TRAIN_BATCH (ViT-T pretraining step batch,
-# default 256), FUSE_BATCH (default 32), GPU_CHECK_SMOKE=1 (tiny sizes, no parity).
-# Exit status: non-zero if parity fails; a benchmark that fails or times out is recorded and skipped.
+# On the lent machine (no registry, no ../shared): build `.device/` here first with
+# `python benchmarks/device_kit.py`, then run(command="bash benchmarks/gpu_check.sh", carry=[".device"],
+# timeout_s=540). This script installs `.device/whl` into its work folder and unpacks the parity
+# fixture from `.device/fixture`; with $OUT set (the device tool's result folder) it leaves there
+# only summary.jsonl, parity.log and gpu_check_logs.tar.gz (the tool returns at most 8 files).
+#
+# Environment: GPU_CHECK_WORK (work folder, default gpu_check_out), OUT (results copied there at
+# the end), PYTHON (default python3), TRAIN_BATCH (ViT-T pretraining step batch, default 256),
+# FUSE_BATCH (default 32), GPU_CHECK_SMOKE=1 (tiny sizes, no parity), GPU_CHECK_PARITY=0|1 (skip or
+# force the parity step; smoke + parity checks a `.device/` kit on CPU).
+# Exit status: non-zero if parity fails or does not run, or if the packages do not import; a
+# benchmark that fails or times out is recorded and skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="${OUT:-gpu_check_out}"
-PYTHON="${PYTHON:-python}"
+WORK="${GPU_CHECK_WORK:-gpu_check_out}"
+PYTHON="${PYTHON:-python3}"
 SMOKE="${GPU_CHECK_SMOKE:-0}"
-mkdir -p "$OUT"
-SUMMARY="$OUT/summary.jsonl"
+PARITY="${GPU_CHECK_PARITY:-$((1 - SMOKE))}"
+rm -rf "$WORK" && mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
+SUMMARY="$WORK/summary.jsonl"
 : > "$SUMMARY"
 
 note() { echo "[gpu_check $(date +%H:%M:%S)] $*" >&2; }
 
-run_step() {  # run_step NAME TIMEOUT_S CMD...: stdout's JSON line goes to $OUT/NAME.json and the summary
+finish() {  # what the device tool can bring back: 3 files in $OUT
+  if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    cp "$SUMMARY" "$OUT/"
+    if [[ -f "$WORK/parity.log" ]]; then cp "$WORK/parity.log" "$OUT/"; fi
+    tar czf "$OUT/gpu_check_logs.tar.gz" --exclude=./site --exclude=./fixture -C "$WORK" .
+  fi
+}
+trap finish EXIT
+
+run_step() {  # run_step NAME TIMEOUT_S CMD...: stdout's JSON line goes to $WORK/NAME.json and the summary
   local name="$1" limit="$2"; shift 2
   note "$name: $*"
   local t0=$SECONDS rc=0
-  timeout "$limit" "$@" > "$OUT/$name.stdout" 2> "$OUT/$name.stderr" || rc=$?
+  timeout "$limit" "$@" > "$WORK/$name.stdout" 2> "$WORK/$name.stderr" || rc=$?
   local line
-  line="$(grep '^{' "$OUT/$name.stdout" | tail -n 1 || true)"
+  line="$(grep '^{' "$WORK/$name.stdout" | tail -n 1 || true)"
   if [[ $rc == 0 && -n "$line" ]]; then
-    echo "$line" > "$OUT/$name.json"
+    echo "$line" > "$WORK/$name.json"
     echo "$line" >> "$SUMMARY"
     note "$name: done in $((SECONDS - t0)) s"
   else
     echo "{\"benchmark\": \"$name\", \"failed\": true, \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" >> "$SUMMARY"
-    note "$name: FAILED (rc $rc, $((SECONDS - t0)) s); see $OUT/$name.stderr"
+    note "$name: FAILED (rc $rc, $((SECONDS - t0)) s); see $name.stderr in the logs"
+    tail -n 5 "$WORK/$name.stderr" >&2
   fi
   return $rc
 }
 
-"$PYTHON" - <<'EOF' >&2 || true
-import jax
-print("devices:", jax.devices())
+# The lent machine's image lacks some of our packages (benchmarks/device_kit.py lists them).
+if compgen -G ".device/whl/*.whl" > /dev/null; then
+  note "installing .device/whl"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$WORK/site" .device/whl/*.whl >&2 || { note "wheel install FAILED"; exit 1; }
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [[ -z "${DEFUSION_PARITY_FIXTURE:-}" && -f .device/fixture/io.npz ]]; then
+  note "unpacking the parity fixture from .device/fixture"
+  mkdir -p "$WORK/fixture" && cp .device/fixture/io.npz "$WORK/fixture/"
+  "$PYTHON" -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'), 1 << 22)" \
+      .device/fixture/ucmimnet_state_dict.safetensors.xz "$WORK/fixture/ucmimnet_state_dict.safetensors" \
+      || { note "fixture unpack FAILED"; exit 1; }
+  export DEFUSION_PARITY_FIXTURE="$WORK/fixture"
+fi
+
+"$PYTHON" - <<'EOF' >&2 || { note "a package does not import (build .device/ with benchmarks/device_kit.py)"; exit 1; }
+import jax, flax, optax, orbax.checkpoint, grain, ml_collections
+import defusion_jax.train  # the trainer's imports: what train_step.py needs
+print("devices:", jax.devices(), "| jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)
 EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 2>/dev/null || true
 
 status=0
+if [[ "$PARITY" == 1 ]]; then  # 1. parity against the official network's fixture, full float32 matmuls
+  note "parity at highest matmul precision"
+  if ! JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 "$PYTHON" -m pytest -q -x -rs tests/test_parity.py \
+      > "$WORK/parity.log" 2>&1; then
+    status=1
+    note "parity FAILED; see parity.log"
+  elif grep -q "skipped" "$WORK/parity.log"; then  # a missing fixture or torch skips: not a pass here
+    status=1
+    note "parity did NOT RUN in full (skipped); see parity.log"
+  fi
+  tail -n 3 "$WORK/parity.log" >&2
+fi
 if [[ "$SMOKE" == 1 ]]; then
   TRAIN=(--config=configs/pretrain.py:smoke --batch=2 --crop=64 --steps=2 --repeats=1 --warmup=1 --dtype=bfloat16)
   FUSE=(--height=64 --width=96 --batch=2 --repeats=2 --warmup=1 --dtype=bfloat16)
   TIMM=(--batch=2 --crop=64 --steps=1 --rounds=1 --warmup=1 --dtype=bfloat16)
 else
-  # 1. parity against the official network's fixture, every matmul at full float32 precision
-  note "parity at highest matmul precision"
-  if ! JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 "$PYTHON" -m pytest -q -x tests/test_parity.py \
-      > "$OUT/parity.log" 2>&1; then
-    status=1
-    note "parity FAILED; see $OUT/parity.log"
-  fi
-  tail -n 3 "$OUT/parity.log" >&2
   TRAIN=(--config=configs/pretrain.py:official,cud --batch="${TRAIN_BATCH:-256}" --crop=224 --steps=10 --repeats=3 --dtype=bfloat16)
   FUSE=(--height=480 --width=640 --batch="${FUSE_BATCH:-32}" --repeats=20 --dtype=bfloat16)
   TIMM=(--batch=64 --crop=224 --steps=10 --rounds=3 --dtype=bfloat16)
