@@ -11,7 +11,7 @@ writes `.device/` (git-ignored) with
 
 Then, from the session that holds the device tool:
 
-  run(command="bash benchmarks/gpu_check.sh", carry=[".device"], timeout_s=540)
+  run(command="bash benchmarks/gpu_check.sh", carry=[".device"], timeout_s=600)
 
     python benchmarks/device_kit.py                 # .device/ from ../shared, wheels for cp312
     python benchmarks/device_kit.py --no-wheels     # fixture only (e.g. to check the cut parity here)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     if kit + tree > TREE_LIMIT:
         print("error: too large for one device call; remove untracked files or keep fewer samples", file=sys.stderr)
         return 1
-    print('next: run(command="bash benchmarks/gpu_check.sh", carry=[".device"], timeout_s=540)')
+    print('next: run(command="bash benchmarks/gpu_check.sh", carry=[".device"], timeout_s=600)')
     return 0
 
 

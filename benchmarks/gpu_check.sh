@@ -7,12 +7,14 @@
 #
 # On the lent machine (no registry, no ../shared): build `.device/` here first with
 # `python benchmarks/device_kit.py`, then run(command="bash benchmarks/gpu_check.sh", carry=[".device"],
-# timeout_s=540). This script installs `.device/whl` into its work folder and unpacks the parity
-# fixture from `.device/fixture`; with $OUT set (the device tool's result folder) it leaves there
-# only summary.jsonl, parity.log and gpu_check_logs.tar.gz (the tool returns at most 8 files).
+# timeout_s=600). This script installs `.device/whl` into its work folder and unpacks the parity
+# fixture from `.device/fixture`; with $OUT set (the device tool's result folder) it writes there
+# only summary.jsonl and parity.log as it goes, and gpu_check_logs.tar.gz at the end (the tool
+# returns at most 8 files). It keeps to its own budget (GPU_CHECK_BUDGET_S, default 540 s: each
+# step's timeout is cut to what is left), so it ends, with its files, before the call's limit.
 #
-# Environment: GPU_CHECK_WORK (work folder, default gpu_check_out), OUT (results copied there at
-# the end), PYTHON (default python3), TRAIN_BATCH (ViT-T pretraining step batch, default 256),
+# Environment: GPU_CHECK_WORK (work folder, default gpu_check_out), OUT (the results folder, see
+# above), PYTHON (default python3), TRAIN_BATCH (ViT-T pretraining step batch, default 256),
 # FUSE_BATCH (default 32), GPU_CHECK_SMOKE=1 (tiny sizes, no parity), GPU_CHECK_PARITY=0|1 (skip or
 # force the parity step; smoke + parity checks a `.device/` kit on CPU).
 # Exit status: non-zero if parity fails or does not run, or if the packages do not import; a
@@ -24,26 +26,34 @@ WORK="${GPU_CHECK_WORK:-gpu_check_out}"
 PYTHON="${PYTHON:-python3}"
 SMOKE="${GPU_CHECK_SMOKE:-0}"
 PARITY="${GPU_CHECK_PARITY:-$((1 - SMOKE))}"
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))
 rm -rf "$WORK" && mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
-SUMMARY="$WORK/summary.jsonl"
+RESULTS="$WORK"
+if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && RESULTS="$(cd "$OUT" && pwd)"; fi
+SUMMARY="$RESULTS/summary.jsonl"
 : > "$SUMMARY"
 
 note() { echo "[gpu_check $(date +%H:%M:%S)] $*" >&2; }
 
-finish() {  # what the device tool can bring back: 3 files in $OUT
-  if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT"
-    cp "$SUMMARY" "$OUT/"
-    if [[ -f "$WORK/parity.log" ]]; then cp "$WORK/parity.log" "$OUT/"; fi
-    tar czf "$OUT/gpu_check_logs.tar.gz" --exclude=./site --exclude=./fixture -C "$WORK" .
+finish() {  # every step's stdout/stderr, as one file for the device tool
+  if [[ "$RESULTS" != "$WORK" ]]; then
+    tar czf "$RESULTS/gpu_check_logs.tar.gz" --exclude=./site --exclude=./fixture -C "$WORK" .
   fi
 }
 trap finish EXIT
 
+time_left() { echo $((DEADLINE - SECONDS)); }
+
 run_step() {  # run_step NAME TIMEOUT_S CMD...: stdout's JSON line goes to $WORK/NAME.json and the summary
   local name="$1" limit="$2"; shift 2
-  note "$name: $*"
+  if (( limit > $(time_left) - 10 )); then limit=$(( $(time_left) - 10 )); fi
+  if (( limit < 20 )); then
+    echo "{\"benchmark\": \"$name\", \"failed\": true, \"reason\": \"no time left in GPU_CHECK_BUDGET_S\"}" >> "$SUMMARY"
+    note "$name: SKIPPED, no time left"
+    return 1
+  fi
+  note "$name (timeout ${limit} s): $*"
   local t0=$SECONDS rc=0
   timeout "$limit" "$@" > "$WORK/$name.stdout" 2> "$WORK/$name.stderr" || rc=$?
   local line
@@ -51,7 +61,7 @@ run_step() {  # run_step NAME TIMEOUT_S CMD...: stdout's JSON line goes to $WORK
   if [[ $rc == 0 && -n "$line" ]]; then
     echo "$line" > "$WORK/$name.json"
     echo "$line" >> "$SUMMARY"
-    note "$name: done in $((SECONDS - t0)) s"
+    note "$name: done in $((SECONDS - t0)) s: $line"
   else
     echo "{\"benchmark\": \"$name\", \"failed\": true, \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" >> "$SUMMARY"
     note "$name: FAILED (rc $rc, $((SECONDS - t0)) s); see $name.stderr in the logs"
@@ -87,14 +97,14 @@ status=0
 if [[ "$PARITY" == 1 ]]; then  # 1. parity against the official network's fixture, full float32 matmuls
   note "parity at highest matmul precision"
   if ! JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 "$PYTHON" -m pytest -q -x -rs tests/test_parity.py \
-      > "$WORK/parity.log" 2>&1; then
+      > "$RESULTS/parity.log" 2>&1; then
     status=1
     note "parity FAILED; see parity.log"
-  elif grep -q "skipped" "$WORK/parity.log"; then  # a missing fixture or torch skips: not a pass here
+  elif grep -q "skipped" "$RESULTS/parity.log"; then  # a missing fixture or torch skips: not a pass here
     status=1
     note "parity did NOT RUN in full (skipped); see parity.log"
   fi
-  tail -n 3 "$WORK/parity.log" >&2
+  tail -n 3 "$RESULTS/parity.log" >&2
 fi
 if [[ "$SMOKE" == 1 ]]; then
   TRAIN=(--config=configs/pretrain.py:smoke --batch=2 --crop=64 --steps=2 --repeats=1 --warmup=1 --dtype=bfloat16)
@@ -106,11 +116,11 @@ else
   TIMM=(--batch=64 --crop=224 --steps=10 --rounds=3 --dtype=bfloat16)
 fi
 
-# 2. the benchmarks in bf16 (float32 parameters and optimiser state)
-run_step train_step_bf16 120 "$PYTHON" benchmarks/train_step.py "${TRAIN[@]}"
+# 2. the benchmarks in bf16 (float32 parameters and optimiser state), the issue's targets first
+run_step train_step_bf16 180 "$PYTHON" benchmarks/train_step.py "${TRAIN[@]}"
 run_step fuse_latency_bf16 90 "$PYTHON" benchmarks/fuse_latency.py "${FUSE[@]}"
+run_step vs_timm_bf16 90 "$PYTHON" benchmarks/vs_timm.py "${TIMM[@]}"
 run_step fuse_latency_f32 60 "$PYTHON" benchmarks/fuse_latency.py "${FUSE[@]/--dtype=bfloat16/--dtype=float32}" --skip-image
-run_step vs_timm_bf16 60 "$PYTHON" benchmarks/vs_timm.py "${TIMM[@]}"
 
 note "summary ($SUMMARY):"
 cat "$SUMMARY" >&2
