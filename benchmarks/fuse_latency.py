@@ -67,6 +67,7 @@ def main(argv=None):
     def one():
         return model.fuse(a, b)
 
+    _common.log(f"fuse_latency: {h} x {w}, {args.dtype}: compiling")
     t0 = time.perf_counter()
     _common.time_calls(one, args.warmup, jax.block_until_ready)
     record["fuse_warmup_s"] = round(time.perf_counter() - t0, 2)
@@ -74,6 +75,7 @@ def main(argv=None):
     record["fuse_ms"] = round(_common.median(ts) * 1e3, 2)
     record["fuse_ms_min"] = round(min(ts) * 1e3, 2)
     record["fuse_input"] = [1, h16, w16, 3]
+    _common.log(f"warm-up {record['fuse_warmup_s']} s; one pair: {record['fuse_ms']} ms (median of {args.repeats})")
 
     if not args.skip_image:
         def whole():
@@ -82,6 +84,7 @@ def main(argv=None):
         _common.time_calls(whole, args.warmup, lambda r: None)
         ts = _common.time_calls(whole, args.repeats, lambda r: None)
         record["fuse_image_ms"] = round(_common.median(ts) * 1e3, 2)
+        _common.log(f"fuse_image (host arrays, padding): {record['fuse_image_ms']} ms")
 
     ab = jax.device_put(np.broadcast_to(np.asarray(a), (args.batch, h16, w16, 3)).copy())
     bb = jax.device_put(np.broadcast_to(np.asarray(b), (args.batch, h16, w16, 3)).copy())

@@ -144,6 +144,9 @@ def main(argv=None):
                  (jax.process_index() + 1) * args.batch // jax.process_count())
     batch = trainer.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
 
+    say = _common.log if jax.process_index() == 0 else (lambda *a: None)  # progress, for a run cut short
+    say(f"train_step: {record['params']:,} parameters, batch {args.batch} x {args.crop}^2, "
+        f"{record['compute_dtype']}, {len(devices)} device(s): compiling")
     step_fn = trainer.jit_train_step(train_step, mesh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
@@ -153,6 +156,7 @@ def main(argv=None):
     flops = _common.compiled_flops(compiled)
     flops = flops * len(devices) if flops else flops
     record["flops_per_step"] = flops
+    say(f"compiled in {record['compile_s']} s" + (f", {flops / 1e9:.1f} GFLOP per step" if flops else ""))
     if len(devices) > 1:
         record["collectives"] = sh.collectives(compiled)
     for _ in range(args.warmup):
@@ -168,6 +172,7 @@ def main(argv=None):
         jax.block_until_ready((state, metrics))
         runs.append((time.perf_counter() - t0) / args.steps)
         _common.add_counts(counts, c0, args.steps)
+        say(f"repeat {len(runs)}/{args.repeats}: {runs[-1] * 1e3:.2f} ms per step ({args.batch / runs[-1]:.1f} pairs/s)")
     record.update(_common.per_call(counts, "step"))
     step_s = _common.median(runs)
     record["step_ms"] = round(step_s * 1e3, 2)

@@ -120,10 +120,13 @@ def main(argv=None):
         t0 = time.perf_counter()
         _common.time_calls(fn, args.warmup, sync)
         record[f"{name}_warmup_s"] = round(time.perf_counter() - t0, 2)
+        _common.log(f"vs_timm: {name} warm-up (compile) {record[f'{name}_warmup_s']} s")
     times: dict[str, list[float]] = {}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for name, fn, sync in plan:
             times.setdefault(name, []).extend(_common.time_calls(fn, args.steps, sync))
+        _common.log(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {_common.median(ts[-args.steps:]) * 1e3:.2f} ms" for name, ts in times.items()))
     for name, ts in times.items():
         record[f"{name}_ms"] = round(_common.median(ts) * 1e3, 2)
     for kind in ("teacher", "train"):
