@@ -138,12 +138,13 @@ def cpu_model() -> str:
 
 
 def host_info() -> dict:
+    import flax
     import jax
 
     d = jax.devices()[0]
     return {"device": f"{d.platform}:{getattr(d, 'device_kind', '?')}", "device_count": jax.device_count(),
-            "host_cpus": os.cpu_count(), "cpu": cpu_model(),
-            "jax": jax.__version__, "python": platform.python_version(), "allocator": allocator.active()}
+            "host_cpus": os.cpu_count(), "cpu": cpu_model(), "jax": jax.__version__,
+            "flax": flax.__version__, "python": platform.python_version(), "allocator": allocator.active()}
 
 
 def peak_memory() -> dict:
