@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-GPU check, for when a GPU is lent: parity at highest matmul precision, then the benchmarks in
-# bf16. Budget: under 8 minutes on one H100 (each step has its own timeout; compilation is most of it).
+# bf16, in at most 9 minutes (GPU_CHECK_BUDGET_S; compilation is most of it).
 #
 #   bash benchmarks/gpu_check.sh                     # results: one JSON line per benchmark in ./gpu_check_out
 #   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # tiny sizes, runs on CPU too (checks the script itself)
