@@ -140,9 +140,8 @@ def main(argv=None):
         batch = {"image": rng.random(shape, dtype=np.float32)}
     else:
         batch = {"ir": rng.random(shape, dtype=np.float32), "vi": rng.random(shape, dtype=np.float32)}
-    rows = slice(jax.process_index() * args.batch // jax.process_count(),
-                 (jax.process_index() + 1) * args.batch // jax.process_count())
-    batch = trainer.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
+    rows = sh.process_rows(args.batch)
+    batch = sh.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
 
     say = _common.log if jax.process_index() == 0 else (lambda *a: None)  # progress, for a run cut short
     say(f"train_step: {record['params']:,} parameters, batch {args.batch} x {args.crop}^2, "

@@ -135,6 +135,19 @@ def batch_size_per_device(mesh, global_batch: int) -> int:
     return global_batch // n
 
 
+def process_rows(global_size: int) -> slice:
+    """This process's rows of a host-side global batch: equal consecutive blocks in process order,
+    the layout `data.pipeline.BatchBlockShard` feeds and `global_batch` assembles."""
+    per = global_size // jax.process_count()
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def global_batch(batch, mesh):
+    """This process's rows -> global jax.Arrays sharded over the batch axes (every leaf on its
+    leading axis): the trainer's input placement, used by the evaluations and benchmarks too."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x), batch)
+
+
 def shard_batch(x: jax.Array) -> jax.Array:
     """Constrain the leading axis of `x` to the batch sharding of the mesh in context (no-op without).
 

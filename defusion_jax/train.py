@@ -168,12 +168,6 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def global_batch(batch, mesh):
-    """This process's rows -> global jax.Arrays sharded over the batch axes (the trainer's input
-    placement; `benchmarks/train_step.py` feeds its batches through it too)."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, x.ndim), x), batch)
-
-
 def batch_checksum(batch) -> jax.Array:
     """An order-sensitive fingerprint of a batch, logged so runs can prove they saw the same data."""
     total = 0.0
@@ -367,7 +361,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
         logging.info("nothing to do: step %d >= total_steps %d", first_step, total)
     for step in range(first_step + 1, total + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = global_batch(next(train_iter), mesh)
+            batch = sh.global_batch(next(train_iter), mesh)
             with jax.set_mesh(mesh):
                 state, metrics = step_fn(state, frozen, batch)
         pending.append((step, metrics))

@@ -149,7 +149,6 @@ class DetectTask(Task):
     def run_eval(self, params, split: str, limit: int = 0, keep: int = 0):
         """(Detections accumulator, first `keep` (name, ir, vi, gt, det) examples). Every process runs it."""
         src = self.source(split)
-        pidx, pcount = jax.process_index(), jax.process_count()
         ndev = math.prod(self.mesh.shape[a] for a in sh.batch_axes(self.mesh))
         bs = -(-int(self.config.eval.batch_size) // ndev) * ndev
         n_total = len(src) if not limit else min(limit, len(src))
@@ -169,9 +168,7 @@ class DetectTask(Task):
                 n = len(items)
                 x = {k: np.stack([it[1][k] for it in items] + [np.zeros_like(items[0][1][k])] * (bs - n))
                      for k in ("ir", "vi")}
-                local = lambda a: a[pidx * (bs // pcount):(pidx + 1) * (bs // pcount)]  # noqa: E731
-                g = [jax.make_array_from_process_local_data(sh.batch_sharding(self.mesh, 4), local(x[k]))
-                     for k in ("ir", "vi")]
+                g = sh.global_batch([x[k][sh.process_rows(bs)] for k in ("ir", "vi")], self.mesh)
                 with jax.set_mesh(self.mesh):
                     det = jax.device_get(self._predict(params, *g))
                 for i, (raw, prep) in enumerate(items):

@@ -227,7 +227,6 @@ class SegmentTask(Task):
         """Confusion matrix over the evaluation split at full resolution, and the first `keep`
         (name, ir, vi, label, prediction) examples for overlays. Every process runs it."""
         src = self.eval_source()
-        pidx, pcount = jax.process_index(), jax.process_count()
         ndev = math.prod(self.mesh.shape[a] for a in sh.batch_axes(self.mesh))
         bs = int(self.config.eval.batch_size)
         bs = -(-bs // ndev) * ndev
@@ -239,8 +238,7 @@ class SegmentTask(Task):
             ph, pw = -h % mult, -w % mult  # pad to the pyramid's multiple, crop the prediction back
             x = {k: np.pad(batch[k], ((0, bs - n), (0, ph), (0, pw), (0, 0)), mode="edge") for k in ("ir", "vi")}
             x1, x2 = self._views(x)
-            local = lambda a: np.asarray(a)[pidx * (bs // pcount):(pidx + 1) * (bs // pcount)]  # noqa: E731
-            g = [jax.make_array_from_process_local_data(sh.batch_sharding(self.mesh, 4), local(a)) for a in (x1, x2)]
+            g = sh.global_batch([np.asarray(a)[sh.process_rows(bs)] for a in (x1, x2)], self.mesh)
             with jax.set_mesh(self.mesh):
                 pred = np.asarray(jax.device_get(self._predict(params, *g)))[:n, :h, :w]
             cm += seg_metrics.confusion_matrix(pred, batch["label"], self.num_classes, self.ignore_index)
