@@ -41,15 +41,11 @@ def set_xla_flags(extra: str | None = None, cpu_defaults: bool = True) -> str:
     return os.environ["XLA_FLAGS"]
 
 
-def enable_compilation_cache(path: str | None = None) -> None:
-    """Persistent XLA compilation cache for benchmark processes (compile time is never timed)."""
-    import jax
+def enable_compilation_cache() -> None:
+    """The entry points' persistent compilation cache (defusion_jax/compile_cache.py; compile time is never timed)."""
+    from defusion_jax import compile_cache
 
-    path = path or os.environ.get("DEFUSION_BENCH_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "defusion_jax_bench_cache"))
-    if path.lower() in ("", "0", "off", "none"):
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    compile_cache.enable(log=log)
 
 
 def loadavg() -> list[float]:
@@ -127,12 +123,9 @@ def median(xs):
 def cpu_model() -> str:
     """The host CPU's model name and vector extensions: figures from different CPU kinds (AVX2 vs
     AVX-512) are not comparable, and the machines this project is measured on differ."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    from defusion_jax.compile_cache import cpu_info
+
+    name, flags = cpu_info()
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
     return f"{name} ({isa})" if isa else name
 

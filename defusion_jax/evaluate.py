@@ -222,7 +222,7 @@ def run(args) -> int:
 
     from defusion_jax import report
     from defusion_jax.baselines import BASELINES
-    from defusion_jax.metrics import METRICS, parse_metric, resolve
+    from defusion_jax.metrics import parse_metric, resolve
 
     notes: list[str] = []
     requested = [s.strip() for s in args.metrics.split(",") if s.strip()]
@@ -326,6 +326,9 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from defusion_jax import compile_cache
+
+    compile_cache.enable(log=lambda m: print(f"note: {m}", file=sys.stderr))
     try:
         return run(args)
     except UsageError as exc:

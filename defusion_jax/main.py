@@ -33,6 +33,10 @@ def main(argv):
 
     sharding.maybe_initialize_distributed()  # before any device is touched
     logging.info("host allocator: %s (DEFUSION_TCMALLOC=0 for the system one)", allocator.active())
+    from defusion_jax import compile_cache
+
+    logging.info("compilation cache: %s (DEFUSION_COMPILE_CACHE=0 turns it off)",
+                 compile_cache.enable(log=logging.warning) or "off")
     from defusion_jax import train
     from defusion_jax.params_io import CheckpointError
 

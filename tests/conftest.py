@@ -7,6 +7,9 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# The entry points turn on a persistent compilation cache under ~/.cache (compile_cache.py); tests
+# that call them, in this process or in subprocesses, must not write there or depend on its state.
+os.environ.setdefault("DEFUSION_COMPILE_CACHE", "off")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DEFUSION_SHARED", REPO.parent / "shared"))

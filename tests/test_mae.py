@@ -74,7 +74,7 @@ def torch_mae(embed_dim=64, depth=2, heads=2, dec_dim=32, dec_depth=1, dec_heads
     """facebookresearch/mae `models_mae.MaskedAutoencoderViT` (norm_pix_loss=True), transcribed with
     the timm layers it imports; `noise` is an argument instead of `torch.rand` inside."""
     torch = pytest.importorskip("torch", reason="torch (requirements-dev.txt) is the MAE reference")
-    timm = pytest.importorskip("timm", reason="timm (requirements-dev.txt) is the MAE reference")
+    pytest.importorskip("timm", reason="timm (requirements-dev.txt) is the MAE reference")
     from timm.layers import PatchEmbed
     from timm.models.vision_transformer import Block
 
