@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from defusion_jax import paths
 from defusion_jax.models.defusion import DIRECTIONS, build_model
 from defusion_jax.params_io import CheckpointError, is_params_dir, load_params
 
@@ -117,19 +118,26 @@ def load_model(path: str | os.PathLike, model_config: Mapping[str, Any] | None =
     - an official PyTorch checkpoint: `.pth` with its `{'state_dict': ...}` wrapper, a bare state
       dict, `module.`-prefixed keys, or `.safetensors`; float32 or float16 (upcast);
     - a folder written by `python -m defusion_jax.convert official` (params.safetensors + model.json);
-    - a training workdir or one of its checkpoints (latest step's parameters).
+    - a training workdir or one of its checkpoints (latest step's parameters), also on gs://.
     """
-    path = Path(path)
+    url = paths.is_url(path)  # a pod's gs:// workdir: orbax reads it where it is
+    try:
+        path = paths.path(path) if url else Path(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
     if path.is_dir():
-        if is_params_dir(path):
+        if not url and is_params_dir(path):
             params, cfg, meta = load_params(path)
             return FusionModel(params, model_config or cfg, {**meta, "source": str(path)})
         from defusion_jax import checkpoints  # training workdirs (orbax)
 
         params, cfg, meta = checkpoints.load_params_from_workdir(path)
         return FusionModel(params, model_config or cfg, meta)
+    if url:
+        raise CheckpointError(f"{path}: from cloud storage only training workdirs are read; copy "
+                              "checkpoint files and converted folders to a local path")
     if path.suffix.lower() in OFFICIAL_SUFFIXES:
         from defusion_jax.convert import load_official
 

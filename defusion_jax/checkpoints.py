@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from defusion_jax import paths
 from defusion_jax.params_io import CheckpointError
 
 CKPT_DIR = "checkpoints"
@@ -31,10 +32,8 @@ MODEL_CONFIG = "model_config.json"
 
 
 def write_model_config(workdir: str | os.PathLike, model_config: Mapping, meta: Mapping | None = None) -> None:
-    path = Path(workdir) / MODEL_CONFIG
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"model": dict(model_config), "meta": dict(meta or {})}, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    paths.write_text_whole(paths.path(workdir) / MODEL_CONFIG,
+                           json.dumps({"model": dict(model_config), "meta": dict(meta or {})}, indent=2, default=str) + "\n")
 
 
 class Checkpointer:
@@ -42,7 +41,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, every: int = 1000, keep: int = 3,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = Path(directory).absolute()
+        self.directory = paths.path(directory)
         opts = ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=keep,
                                             enable_async_checkpointing=async_save, create=not read_only,
                                             read_only=read_only)
@@ -91,7 +90,10 @@ class Checkpointer:
 
 def locate(path: str | os.PathLike) -> tuple[Path, int | None]:
     """(checkpoints directory, step or None=latest) for a workdir, its checkpoints/ or a step folder."""
-    path = Path(path).absolute()
+    try:
+        path = paths.path(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if (path / CKPT_DIR).is_dir():
         return path / CKPT_DIR, None
     if re.fullmatch(r"\d+", path.name) and (path / "state").is_dir():

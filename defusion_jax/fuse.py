@@ -25,7 +25,7 @@ if __name__ == "__main__":  # before jax is imported: the command restarts under
 
 import numpy as np  # noqa: E402
 
-from defusion_jax import imageio, inference  # noqa: E402
+from defusion_jax import imageio, inference, paths  # noqa: E402
 
 FORMATS = ("png", "tif", "jpg", "bmp", "npy")
 
@@ -99,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- model -----------------------------------------------------------------------------------
 def load_runner(path: str, direction: str = "q_view2", precision: str = "highest"):
     """A runner for any model form; raises InputError with one line."""
-    p = Path(path)
-    if not p.exists():
+    remote = paths.is_url(path)  # a gs:// training workdir: load_model reads it there
+    p = path if remote else Path(path)
+    if not remote and not p.exists():
         raise InputError(f"model not found: {path}")
     try:
         from defusion_jax import exported
 
-        if p.is_dir() and exported.is_export_dir(p):
+        if not remote and p.is_dir() and exported.is_export_dir(p):
             return inference.ExportedRunner(exported.load(p))
         from defusion_jax.api import load_model
 
@@ -345,6 +346,9 @@ def _report(s: Summary, unmatched, runner, folder_mode: bool, where: Path) -> No
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from defusion_jax import compile_cache
+
+    compile_cache.enable(log=lambda m: print(f"note: {m}", file=sys.stderr))  # one compile per image size, kept
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -19,6 +19,8 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from defusion_jax import paths
+
 
 class _LibraryInfoFilter(logging_std.Filter):
     """Drop INFO/DEBUG chatter of orbax and grain (hundreds of lines per checkpoint)."""
@@ -48,18 +50,31 @@ def _jsonable(v):
 
 
 class MetricWriter:
-    """metrics.jsonl (one JSON object per logged step) + TensorBoard scalars and images."""
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard scalars and images.
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+    On object storage (a gs:// workdir) nothing can be appended to: the writer keeps the file's
+    lines and rewrites it whole, at most every `remote_every_s` seconds and on every flush."""
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 remote_every_s: float = 30.0):
         self.enabled = enabled
-        self.workdir = Path(workdir)
+        self.workdir = paths.path(workdir)
         self._tb = None
         self._jsonl = None
+        self._remote_lines: list[str] | None = None
+        self._remote_every_s, self._remote_written = remote_every_s, 0.0
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+        target = self.workdir / "metrics.jsonl"
+        if isinstance(self.workdir, Path):
+            self._jsonl = open(target, "a", buffering=1)
+        else:
+            self._remote_lines = target.read_text().splitlines(keepends=True) if target.exists() else []
         if tensorboard:
+            if str(self.workdir).startswith("gs://") and not paths.has_module("google.cloud.storage"):
+                raise ValueError(f"TensorBoard logs in {self.workdir} need google-cloud-storage "
+                                 "(pip install google-cloud-storage), or --config.tensorboard=False")
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), flush_secs=30)
@@ -69,11 +84,20 @@ class MetricWriter:
             return
         row = {"step": int(step), "time": round(time.time(), 3)}
         row.update({k: _jsonable(v) for k, v in values.items()})
-        self._jsonl.write(json.dumps(row) + "\n")
+        if self._remote_lines is not None:
+            self._remote_lines.append(json.dumps(row) + "\n")
+            if time.monotonic() - self._remote_written >= self._remote_every_s:
+                self._write_remote()
+        else:
+            self._jsonl.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float, np.number)) and math.isfinite(float(v)):
                     self._tb.add_scalar(k, float(v), int(step))
+
+    def _write_remote(self) -> None:
+        paths.write_text_whole(self.workdir / "metrics.jsonl", "".join(self._remote_lines))
+        self._remote_written = time.monotonic()
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         if self.enabled and self._tb is not None:
@@ -88,8 +112,13 @@ class MetricWriter:
             self._tb.flush()
         if self._jsonl is not None:
             self._jsonl.flush()
+        if self._remote_lines is not None:
+            self._write_remote()
 
     def close(self) -> None:
+        if self._remote_lines is not None:
+            self._write_remote()
+            self._remote_lines = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -99,7 +128,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+    path = paths.path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -179,9 +208,10 @@ def image_grid(columns: Mapping[str, np.ndarray], pad: int = 4, label_height: in
     return np.asarray(canvas)
 
 
-def save_panel(workdir: str | os.PathLike, step: int, grid: np.ndarray) -> Path:
-    out = Path(workdir) / "panels"
+def save_panel(workdir: str | os.PathLike, step: int, grid: np.ndarray):
+    out = paths.path(workdir) / "panels"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_{step:07d}.png"
-    Image.fromarray(grid).save(path)
+    with path.open("wb") as f:  # a file object: PIL cannot write a gs:// path itself
+        Image.fromarray(grid).save(f, format="PNG")
     return path

@@ -25,7 +25,6 @@ import math
 import signal
 import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from defusion_jax import checkpoints, logging_utils
+from defusion_jax import checkpoints, logging_utils, paths
 from defusion_jax import sharding as sh
 from defusion_jax.data import pipeline
 from defusion_jax.tasks import get_task
@@ -262,15 +261,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     # ================================ Logging ====================================================
-    workdir = Path(workdir).absolute()
+    try:
+        workdir = paths.path(workdir)  # gs:// for a pod's shared workdir
+    except ValueError as e:
+        raise ConfigError(f"workdir: {e}") from None
     pidx, pcount = jax.process_index(), jax.process_count()
     sh.log_topology()
     if pidx == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n"
-                                             if hasattr(config, "to_json_best_effort") else json.dumps(dict(config)))
-    writer = cleanup.enter_context(contextlib.closing(
-        logging_utils.MetricWriter(workdir, enabled=pidx == 0, tensorboard=_cfg_get(config, "tensorboard", True))))
+        paths.write_text_whole(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n"
+                               if hasattr(config, "to_json_best_effort") else json.dumps(dict(config)))
+    try:
+        writer = cleanup.enter_context(contextlib.closing(
+            logging_utils.MetricWriter(workdir, enabled=pidx == 0, tensorboard=_cfg_get(config, "tensorboard", True))))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     total = int(config.total_steps)
 
     # ================================ Mesh =======================================================
@@ -404,6 +409,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
             progress.pause(time.perf_counter() - t0)
         if saving:
             t0 = time.perf_counter()
+            writer.flush()  # the logged metrics reach the workdir with each checkpoint
             ckpt.save(step, state, train_iter, force=True)
             progress.pause(time.perf_counter() - t0)
         if preempted:
@@ -418,6 +424,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
             break
     else:
         if first_step < total:
-            task.final_report(state["params"], frozen, str(workdir))
+            with paths.staged(workdir) as local:
+                task.final_report(state["params"], frozen, str(local))
     ckpt.wait()  # the step reported is on disk
     return {"status": status, "step": step, "checkpoint": ckpt.latest_step(), "workdir": str(workdir)}

@@ -5,10 +5,13 @@
 #
 #   create   gcloud creates the TPU VM slice (or, with --num-slices > 1, a multi-slice queued resource)
 #   install  copies this checkout (git archive of HEAD) to every worker, makes ~/defusion-venv there
-#            and installs requirements.txt plus jax[tpu]
+#            and installs requirements.txt plus jax[tpu], gcsfs and google-cloud-storage (the
+#            trainer's gs:// workdir and TensorBoard logs)
 #   train    starts the same training command on every worker, in the background, with the shared
 #            (gs://) workdir; process 0..N-1 find each other through jax.distributed (Cloud TPU
-#            auto-detection; defusion_jax.sharding starts it when the job has several hosts)
+#            auto-detection; defusion_jax.sharding starts it when the job has several hosts). The
+#            compilation cache is WORKDIR/compile_cache (DEFUSION_COMPILE_CACHE overrides), so a
+#            restarted run does not recompile its step
 #   logs     follows worker 0's log (--worker=N for another)
 #   status   describes the slice and shows each worker's training process
 #   stop     ends the training processes (by the pid file `train` wrote); re-running `train`
@@ -153,7 +156,7 @@ do_install() {
   copy_to_workers "$tarball"
   on_workers all "set -e; rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar xzf ~/$(basename "$tarball") -C $REMOTE_DIR \
 && python3 -m venv $REMOTE_VENV && $REMOTE_VENV/bin/pip install -q -U pip \
-&& $REMOTE_VENV/bin/pip install -q -r $REMOTE_DIR/requirements.txt 'jax[tpu]' \
+&& $REMOTE_VENV/bin/pip install -q -r $REMOTE_DIR/requirements.txt 'jax[tpu]' gcsfs google-cloud-storage \
 && $REMOTE_VENV/bin/python -c 'import jax; print(jax.process_index(), jax.devices())'"
 }
 
@@ -168,7 +171,10 @@ do_train() {
   local preamble='md() { curl -sf -H "Metadata-Flavor: Google" "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"; }; export TPU_WORKER_ID="$(md agent-worker-number)"; export TPU_WORKER_HOSTNAMES="$(md worker-network-endpoints | tr "," "\n" | awk -F: "{print \$NF}" | paste -sd, -)"; for k in MEGASCALE_NUM_SLICES MEGASCALE_SLICE_ID MEGASCALE_COORDINATOR_ADDRESS; do v="$(md tpu-env | grep "^$k:" | cut -d: -f2- | tr -d "\047 ")"; if [ -n "$v" ]; then export "$k=$v"; fi; done; '
   # The same command on every host; nohup + setsid so the run outlives the ssh session, the pid
   # file lets `stop` end exactly this process.
-  on_workers all "${preamble}cd $REMOTE_DIR || exit 1; setsid nohup $REMOTE_VENV/bin/python -m defusion_jax.main \
+  # The compilation cache lives in the shared workdir: a restarted job's workers read the step
+  # process 0 compiled and cached (defusion_jax/compile_cache.py).
+  local cache="${DEFUSION_COMPILE_CACHE:-$WORKDIR/compile_cache}"
+  on_workers all "${preamble}export DEFUSION_COMPILE_CACHE=$(printf '%q' "$cache"); cd $REMOTE_DIR || exit 1; setsid nohup $REMOTE_VENV/bin/python -m defusion_jax.main \
 --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")${extra% } > $REMOTE_LOG 2>&1 < /dev/null & echo \$! > $REMOTE_PID; \
 echo \"worker \$(hostname): started pid \$(cat $REMOTE_PID)\""
 }
