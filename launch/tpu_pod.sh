@@ -40,6 +40,11 @@
 # mesh puts a slice axis outermost, e.g. -- --config.mesh='[("slice", 2), ("data", -1)]' (every
 # non-model mesh axis shards the batch), so only the gradient all-reduce crosses DCN.
 #
+# Data and teachers are read from each worker's disk: copy them to every worker once, outside the
+# checkout that `install` replaces, and point the config there (docs/training.md, "Devices"):
+#   launch/tpu_pod.sh ssh 'mkdir -p ~/data && gcloud storage cp -r gs://BUCKET/MSRS gs://BUCKET/teachers ~/data/'
+#   launch/tpu_pod.sh --workdir gs://BUCKET/runs/pt1 train -- --config.data.multi.path=../data/MSRS/train ...
+#
 # Example (dry run shows exactly what would happen):
 #   TPU_ZONE=us-central2-b launch/tpu_pod.sh --dry-run --workdir gs://my-bucket/runs/pt1 all
 set -euo pipefail
