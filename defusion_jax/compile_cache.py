@@ -8,7 +8,8 @@ the program, the JAX/XLA version, the devices, the compile options and XLA flags
 same executable (the smoke run's losses are identical with and without it).
 
 DEFUSION_COMPILE_CACHE: unset = a folder under the user's cache directory
-($XDG_CACHE_HOME or ~/.cache, /defusion_jax/xla/<machine>); a path (a gs:// one too) = that folder;
+($XDG_CACHE_HOME or ~/.cache, /defusion_jax/xla/<machine>), kept under 4 GiB by JAX's
+least-recently-used eviction where the `filelock` package is installed; a path (a gs:// one too) = that folder;
 "0" / "off" = no cache. A cache dir set through JAX itself (JAX_COMPILATION_CACHE_DIR) is left alone.
 The launch scripts point it into the run's shared workdir so that every worker of a restarted job
 reads what process 0 wrote (JAX writes from process 0 only).
@@ -26,7 +27,10 @@ import os
 import platform
 from pathlib import Path
 
+from defusion_jax.paths import has_module
+
 ENV = "DEFUSION_COMPILE_CACHE"
+DEFAULT_MAX_BYTES = 4 << 30  # the default folder's cap; a folder you name is yours to size
 _OFF = ("0", "off", "none", "false", "no")
 
 
@@ -69,6 +73,8 @@ def enable(environ=os.environ, log=None) -> str | None:
     if choice.lower() in _OFF:
         return None
     target = choice or str(default_dir(environ))
+    if not choice and has_module("filelock"):  # JAX evicts least recently used entries only with it
+        jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
     if "://" not in target:
         try:
             Path(target).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ hits = []
 monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
 where = compile_cache.enable(log=lambda m: print("LOG", m))
 y = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64)))
-print(json.dumps({"dir": where, "hits": len(hits), "value": float(y)}))
+print(json.dumps({"dir": where, "hits": len(hits), "value": float(y),
+                  "max_size": jax.config.jax_compilation_cache_max_size}))
 """
 
 
@@ -40,6 +41,9 @@ def test_default_folder_is_per_user_and_per_machine_and_a_second_run_hits(tmp_pa
     first, _ = _run(tmp_path)
     expected = tmp_path / "xdg" / "defusion_jax" / "xla" / compile_cache.machine_tag()
     assert first["dir"] == str(expected) and first["hits"] == 0
+    from defusion_jax.paths import has_module
+
+    assert first["max_size"] == (compile_cache.DEFAULT_MAX_BYTES if has_module("filelock") else -1)
     assert any(expected.iterdir()), "nothing was written to the cache"
     second, _ = _run(tmp_path)
     assert second["hits"] >= 1 and second["value"] == first["value"]
@@ -50,6 +54,7 @@ def test_off_a_given_folder_and_jaxs_own_setting(tmp_path):
     assert off["dir"] is None and not (tmp_path / "xdg").exists()
     given, _ = _run(tmp_path, DEFUSION_COMPILE_CACHE=str(tmp_path / "mine"))
     assert given["dir"] == str(tmp_path / "mine") and any((tmp_path / "mine").iterdir())
+    assert given["max_size"] == -1  # a folder the user names is not capped by us
     jaxs, _ = _run(tmp_path, DEFUSION_COMPILE_CACHE=str(tmp_path / "mine"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))
     assert jaxs["dir"] == str(tmp_path / "jax")
 
