@@ -1,4 +1,5 @@
-"""JAX's persistent compilation cache for the command-line entry points (train, fuse, evaluate).
+"""JAX's persistent compilation cache for the command-line entry points (train, fuse, evaluate, and
+the detection / segmentation re-evaluation commands).
 
 Why: a second run of the same program skips XLA compilation. The README's smoke training takes
 ~66 s in a fresh workdir and ~37 s when its programs are cached; a folder fusion compiles the

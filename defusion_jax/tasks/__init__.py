@@ -175,6 +175,9 @@ def workdir_eval_main(argv, prog: str, description: str, evaluate, summary) -> i
     ap.add_argument("--workdir", required=True, help="a finished training workdir of this task")
     ap.add_argument("--split", default=None, help="evaluate this split instead of the config's")
     args = ap.parse_args(argv)
+    from defusion_jax import compile_cache
+
+    compile_cache.enable(log=lambda m: print(f"note: {m}", file=sys.stderr))
     try:
         result = evaluate(args.workdir, args.split)
     except (CheckpointError, DataError, ValueError) as e:
