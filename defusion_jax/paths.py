@@ -1,4 +1,4 @@
-"""Workdirs that may live on cloud storage (gs://, s3://): a pod's workers share one on GCS.
+"""Workdirs that may live on Google Cloud Storage (gs://): a pod's workers share one there.
 
 Local paths stay `pathlib.Path` (absolute). URLs become `etils.epath.Path`, the pathlib-like class
 orbax itself uses, so the trainer's `/`, `mkdir`, `open`, `read_text` / `write_text` and `iterdir`
@@ -22,7 +22,8 @@ from typing import Union
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 # What each scheme needs beyond this project's requirements (etils' fsspec backend, or TensorFlow).
-_NEEDS = {"gs": ("gcsfs", "pip install gcsfs"), "s3": ("s3fs", "pip install s3fs")}
+# Only gs:// is wired and tested (the pod recipe); etils would take s3:// too, untested here.
+_NEEDS = {"gs": ("gcsfs", "pip install gcsfs")}
 
 AnyPath = Union[Path, "epath.Path"]  # noqa: F821
 
@@ -39,13 +40,13 @@ def is_url(p: str | os.PathLike) -> bool:
 
 
 def path(p: str | os.PathLike) -> AnyPath:
-    """An absolute local `Path`, or an `epath.Path` for gs:// / s3:// (checked to be usable here)."""
+    """An absolute local `Path`, or an `epath.Path` for gs:// (checked to be usable here)."""
     s = os.fspath(p)
     if not is_url(s):
         return Path(s).absolute()
     scheme = s.split("://", 1)[0].lower()
     if scheme not in _NEEDS:
-        raise ValueError(f"{s}: unsupported storage scheme {scheme}:// (local paths, gs:// and s3:// work)")
+        raise ValueError(f"{s}: unsupported storage scheme {scheme}:// (local paths and gs:// work)")
     module, hint = _NEEDS[scheme]
     if not has_module(module) and not has_module("tensorflow"):
         raise ValueError(f"{s}: {scheme}:// paths need the {module} package here ({hint})")
