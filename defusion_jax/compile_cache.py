@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 from pathlib import Path
 
-from defusion_jax.paths import has_module
+from defusion_jax.paths import has_module, is_url
 
 ENV = "DEFUSION_COMPILE_CACHE"
 DEFAULT_MAX_BYTES = 4 << 30  # the default folder's cap; a folder you name is yours to size
@@ -63,8 +64,13 @@ def default_dir(environ=os.environ) -> Path:
     return Path(base) / "defusion_jax" / "xla" / machine_tag()
 
 
-def enable(environ=os.environ, log=None) -> str | None:
-    """Turn the cache on (before anything is compiled); returns the folder in use, or None when off."""
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def enable(environ=os.environ, log=_note) -> str | None:
+    """Turn the cache on (before anything is compiled); returns the folder in use, or None when off.
+    `log` gets the one line said when the folder cannot be used (default: a note on stderr)."""
     import jax
 
     already = jax.config.jax_compilation_cache_dir
@@ -76,12 +82,11 @@ def enable(environ=os.environ, log=None) -> str | None:
     target = choice or str(default_dir(environ))
     if not choice and has_module("filelock"):  # JAX evicts least recently used entries only with it
         jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
-    if "://" not in target:
+    if not is_url(target):
         try:
             Path(target).mkdir(parents=True, exist_ok=True)
         except OSError as e:  # a read-only home must not stop a run: it only compiles every time
-            if log:
-                log(f"compilation cache off: cannot create {target} ({e}); set {ENV} to a writable folder")
+            log(f"compilation cache off: cannot create {target} ({e}); set {ENV} to a writable folder")
             return None
     jax.config.update("jax_compilation_cache_dir", target)
     return target

@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from defusion_jax import compile_cache
 
-    compile_cache.enable(log=lambda m: print(f"note: {m}", file=sys.stderr))
+    compile_cache.enable()
     try:
         return run(args)
     except UsageError as exc:

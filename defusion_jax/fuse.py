@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from defusion_jax import compile_cache
 
-    compile_cache.enable(log=lambda m: print(f"note: {m}", file=sys.stderr))  # one compile per image size, kept
+    compile_cache.enable()  # one compile per image size, kept
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -12,7 +12,6 @@ import logging as logging_std
 import math
 import os
 import time
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -67,12 +66,13 @@ class MetricWriter:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         target = self.workdir / "metrics.jsonl"
-        if isinstance(self.workdir, Path):
-            self._jsonl = open(target, "a", buffering=1)
-        else:
+        remote = paths.is_url(self.workdir)
+        if remote:
             self._remote_lines = target.read_text().splitlines(keepends=True) if target.exists() else []
+        else:
+            self._jsonl = open(target, "a", buffering=1)
         if tensorboard:
-            if str(self.workdir).startswith("gs://") and not paths.has_module("google.cloud.storage"):
+            if remote and not paths.has_module("google.cloud.storage"):
                 raise ValueError(f"TensorBoard logs in {self.workdir} need google-cloud-storage "
                                  "(pip install google-cloud-storage), or --config.tensorboard=False")
             from tensorboardX import SummaryWriter

@@ -177,7 +177,7 @@ def workdir_eval_main(argv, prog: str, description: str, evaluate, summary) -> i
     args = ap.parse_args(argv)
     from defusion_jax import compile_cache
 
-    compile_cache.enable(log=lambda m: print(f"note: {m}", file=sys.stderr))
+    compile_cache.enable()
     try:
         result = evaluate(args.workdir, args.split)
     except (CheckpointError, DataError, ValueError) as e:
