@@ -77,3 +77,32 @@ def test_sets_and_variants_resolve():
 def test_every_metric_documents_its_convention():
     for name, m in METRICS.items():
         assert m.convention and len(m.convention) > 20, name
+
+
+def test_integer_dtypes_score_like_uint8_and_floats_like_01():
+    ref = score(A, B, F, ["PSNR", "EN", "SSIM"])
+    as_int64 = score(A.astype(np.int64), B.astype(np.int32), F.astype(np.int16), ["PSNR", "EN", "SSIM"])
+    assert as_int64 == ref  # bit for bit: same values, same rounding in rgb2gray
+    # rgb2gray rounds only integer classes, so compare floats per channel (no grey conversion).
+    ref = score(A, B, F, ["PSNR", "EN", "SSIM"], color="per-channel")
+    as_float = score(A / 255.0, B / 255.0, F / 255.0, ["PSNR", "EN", "SSIM"], color="per-channel")
+    for k in ref:
+        assert as_float[k] == pytest.approx(ref[k], rel=1e-9), k
+    m = np.zeros((16, 16), bool)
+    m[:, 8:] = True
+    assert score(m, m, m, ["EN"])["EN"] == pytest.approx(1.0)  # bool is {0, 255}: two levels, 1 bit
+
+
+@pytest.mark.parametrize("bad, message", [
+    (F.astype(np.float64), r"must be in \[0, 1\]"),  # a float image in 0..255
+    (F.astype(np.int64) * 4, r"must lie in \[0, 255\]"),
+    (F.astype(np.int64) - 300, r"must lie in \[0, 255\]"),
+    (np.full(F.shape, np.nan), "NaN or inf"),
+    (F.astype(np.complex128), "unsupported image dtype"),
+])
+def test_out_of_range_images_are_refused(bad, message):
+    for color in ("gray", "per-channel"):
+        with pytest.raises(ValueError, match=message):
+            score(A, B, bad, ["PSNR", "EN"], color=color)
+    with pytest.raises(ValueError, match=message):
+        score(A, B, A, ["PSNR_gt"], gt=bad)

@@ -22,8 +22,12 @@ def score(a: np.ndarray, b: np.ndarray, f: np.ndarray, specs: list[str], color: 
           gt: np.ndarray | None = None, clip=None) -> dict[str, float]:
     """Score fused image `f` against sources `a`, `b` (and `gt`) for each metric spec ('NAME[:variant]').
 
-    Images are arrays as read from disk (uint8/uint16, HxW or HxWx3). Metrics needing a ground truth
-    are skipped (absent from the result) when `gt` is None; CLIPIQA needs a `clip` scorer.
+    Images are HxW or HxWx3 arrays, as read from disk. Accepted dtypes: uint8; uint16 (16-bit, x/257
+    to the 8-bit scale); other integer dtypes holding 8-bit values in [0,255]; bool ({0,255}); float
+    in [0,1]. Integers outside [0,255] and floats outside [0,1] (a float image in 0..255, say) raise
+    ValueError instead of giving quietly wrong numbers. Metrics needing a ground truth are skipped
+    (absent from the result) when `gt` is None; CLIPIQA needs a `clip` scorer. A metric that is
+    undefined for the input (flat or too small images, see docs/metrics.md) is NaN.
     """
     shapes = {x.shape[:2] for x in (a, b, f) + ((gt,) if gt is not None else ())}
     if len(shapes) != 1:
