@@ -198,3 +198,21 @@ def test_gt_metrics():
     assert got["PSNR_gt"] == pytest.approx(-20 * math.log10(26 / 255))
     c1, c2, k = 100 / 255, 126 / 255, 0.01 ** 2
     assert got["SSIM_gt"] == pytest.approx((2 * c1 * c2 + k) / (c1 ** 2 + c2 ** 2 + k))
+
+
+def test_qcb_qcv_flat_images_are_nan_as_in_the_toolbox(recwarn):
+    # Zheng Liu's normalize1 (VIFB metricsQcb/metricsQcv) divides 0 by 0 on a constant non-zero image.
+    c = np.full((40, 48), 128, np.uint8)
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, c.shape).astype(np.uint8)
+    b = rng.integers(0, 256, c.shape).astype(np.uint8)
+    for args in ((c, c, c), (a, b, c), (c, b, a)):
+        got = score(*args, ["Qcb", "Qcv"])
+        assert math.isnan(got["Qcb"]) and math.isnan(got["Qcv"])
+    # An all-zero image is kept by normalize1: Qcb's contrast ratio is still 0/0, Qcv is finite
+    # (F = 0 against real sources) unless neither source has a gradient.
+    z = np.zeros_like(c)
+    assert math.isnan(perceptual.qcb(a, b, z.astype(float)))
+    assert math.isfinite(perceptual.qcv(a.astype(float), b.astype(float), z.astype(float)))
+    assert math.isnan(perceptual.qcv(z.astype(float), z.astype(float), a.astype(float)))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -12,12 +12,16 @@ from ._filters import filter2_same, matlab_round
 
 
 def _normalize1(x: np.ndarray) -> np.ndarray:
+    """Zheng Liu's `normalize1` for a non-constant (or all-zero) image: min-max to 0..255, rounded."""
     lo, hi = x.min(), x.max()
     if hi == 0 and lo == 0:
         return x.astype(np.float64)
-    if hi == lo:
-        return np.zeros_like(x, dtype=np.float64)  # MATLAB gives NaN here; a flat image has no contrast
     return matlab_round((x - lo) / (hi - lo) * 255.0)
+
+
+def _flat_nonzero(*planes) -> bool:
+    # MATLAB's normalize1 divides 0 by 0 on a constant non-zero image, so the toolbox result is NaN.
+    return any(p.min() == p.max() != 0 for p in planes)
 
 
 def _freqspace(shape):
@@ -45,7 +49,13 @@ def _gauss31_same(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def qcb(a, b, f) -> float:
-    """Q_CB: Chen & Blum 2009 contrast-preservation metric (Zheng Liu `metricChenBlum.m`, as VIFB `metricsQcb`)."""
+    """Q_CB: Chen & Blum 2009 contrast-preservation metric (Zheng Liu `metricChenBlum.m`, as VIFB `metricsQcb`).
+
+    NaN when any image is flat, as in the toolbox: a constant non-zero image is 0/0 in `normalize1`,
+    and an all-zero one makes the local contrast ratio 0/0 everywhere.
+    """
+    if any(p.min() == p.max() for p in (a, b, f)):
+        return float("nan")
     a, b, f = _normalize1(a), _normalize1(b), _normalize1(f)
     h, w = a.shape
     u, v = _freqspace((h, w))
@@ -76,7 +86,13 @@ def _blocks(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def qcv(a, b, f) -> float:
-    """Q_CV: Chen & Varshney 2007 (Zheng Liu `metricChen.m`, as VIFB `metricsQcv`; 16x16 regions, alpha=5, Mannos-Sakrison CSF). Lower is better."""
+    """Q_CV: Chen & Varshney 2007 (Zheng Liu `metricChen.m`, as VIFB `metricsQcv`; 16x16 regions, alpha=5, Mannos-Sakrison CSF). Lower is better.
+
+    NaN, as in the toolbox, when an image is constant and non-zero (`normalize1` is 0/0) or when
+    neither source has any gradient (the saliency weights sum to 0); an all-zero image is kept as is.
+    """
+    if _flat_nonzero(a, b, f):
+        return float("nan")
     a, b, f = _normalize1(a), _normalize1(b), _normalize1(f)
     flt1 = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
     flt2 = flt1.T.copy()
@@ -95,5 +111,7 @@ def qcv(a, b, f) -> float:
     theta_m = 2.6 * (0.0192 + 0.144 * r) * np.exp(-(0.144 * r) ** 1.1)
     d1 = (_blocks(_freq_filter(a - f, theta_m), ws) ** 2).sum(axis=(2, 3)) / (ws * ws)
     d2 = (_blocks(_freq_filter(b - f, theta_m), ws) ** 2).sum(axis=(2, 3)) / (ws * ws)
-    q = (lam1 * d1 + lam2 * d2).sum() / (lam1 + lam2).sum()
-    return float(np.real(q))
+    den = (lam1 + lam2).sum()
+    if den == 0:
+        return float("nan")
+    return float(np.real((lam1 * d1 + lam2 * d2).sum() / den))
