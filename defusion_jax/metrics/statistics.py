@@ -48,7 +48,7 @@ def mse(a, b, f) -> float:
 def psnr_sources(a, b, f, variant: str = "default") -> float:
     """PSNR vs the sources: 10 log10(255^2 / MSE), MSE the mean of the two source MSEs on [0,255]; 'mean': mean of the two PSNRs; 'tang': Tang's 20log10(255/sqrt(MSE_[0,1])) (= default + 48.13 dB); 'cddfuse': peak max(F)."""
     ma, mb = np.float64(_mse(a, f)), np.float64(_mse(b, f))
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # 'cddfuse' on F = A = B = 0 is 0/0: NaN
         if variant == "mean":
             return float((10 * np.log10(255.0 ** 2 / ma) + 10 * np.log10(255.0 ** 2 / mb)) / 2.0)
         m = (ma + mb) / 2.0

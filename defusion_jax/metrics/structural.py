@@ -17,6 +17,8 @@ _G11 = gaussian_1d(11, 1.5)
 
 def ssim_wang(x: np.ndarray, y: np.ndarray, data_range: float = 255.0) -> float:
     """Wang's SSIM: Gaussian 11x11 sigma 1.5 window, K=(0.01,0.03), 'valid' maps, mean of the map (VIFB `ssim`)."""
+    if min(x.shape) < 11:
+        return float("nan")  # the 'valid' map is empty
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
     mx = sep_filter_valid(x, _G11)
@@ -31,6 +33,8 @@ def ssim_wang(x: np.ndarray, y: np.ndarray, data_range: float = 255.0) -> float:
 def ssim_uniform7(x: np.ndarray, y: np.ndarray, data_range: float) -> float:
     """SSIM as scikit-image computes it by default (DeFusion++ `calculate_ssim`): 7x7 uniform window, sample covariance, borders cropped."""
     win, np_ = 7, 49
+    if min(x.shape) < win:
+        return float("nan")  # nothing left after cropping the borders
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
     cov_norm = np_ / (np_ - 1.0)
@@ -115,6 +119,8 @@ def mef_ssim_single(seq: np.ndarray, f: np.ndarray, k: float = 0.03) -> float:
     """Ma et al.'s single-scale MEF-SSIM (`mef_ssim.m`, 11x11 patches, Gaussian sigma 1.5, C=(0.03*255)^2), vectorised."""
     seq = np.ascontiguousarray(seq, dtype=np.float64)  # (K, H, W)
     f = np.asarray(f, dtype=np.float64)
+    if min(f.shape) < 11:
+        return float("nan")  # no 11x11 patch fits
     t = _mef_source_terms(seq)
     mu, a, mu_r = t["mu"], t["a"], t["mu_r"]
     gf = sep_filter_valid(f, _G11)
@@ -190,7 +196,8 @@ def vifp(ref: np.ndarray, dist: np.ndarray, saturate_uint8: bool = False) -> flo
         sv[sv <= 1e-10] = 1e-10
         num += np.log10(1 + gg * gg * s1 / (sv + sigma_nsq)).sum()
         den += np.log10(1 + s1 / sigma_nsq).sum()
-    return float(num / den)
+    # den = 0: a flat reference, or an image smaller than the 17x17 scale-1 window (empty maps).
+    return float(num / den) if den > 0 else float("nan")
 
 
 def vif(a, b, f, variant: str = "default") -> float:
