@@ -304,7 +304,9 @@ def run(args) -> int:
         w.writeheader()
         for r in rows:
             w.writerow({**r, "value": repr(float(r["value"]))})
-    summary = report.summarise(rows)
+    n_pairs = {d: sum(it.dataset == d for it in items) for d in dict.fromkeys(it.dataset for it in items)}
+    n_gt = {d: sum(it.dataset == d and it.gt is not None for it in items) for d in n_pairs}
+    summary = report.summarise(rows, n_pairs, n_gt)
     metric_cols = [s for s in specs if any(r["metric"] == s for r in rows)]
     report.write_summary_csv(args.out / "summary.csv", summary, names, metric_cols)
     header = [f"# Evaluation: task {args.task}", "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,24 +14,75 @@ from PIL import Image, ImageDraw, ImageFont
 from defusion_jax.metrics import parse_metric
 
 
-def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """rows of {dataset, image, method, metric, value} -> {dataset: {method: {metric: mean}}}, plus 'ALL'."""
+@dataclass
+class Summary:
+    """Per (dataset, method, metric): mean over the images with a value, how many had one (`counts`),
+    how many were NaN (`nans`), and how many pairs a complete cell covers (`expected`, per dataset
+    and metric). NaN values and missing images both lower the count; +-inf counts as a value."""
+
+    means: dict[str, dict[str, dict[str, float]]]
+    counts: dict[str, dict[str, dict[str, int]]]
+    nans: dict[str, dict[str, dict[str, int]]]
+    expected: dict[str, dict[str, int]]
+
+    def items(self):
+        return self.means.items()
+
+    def complete(self, ds: str, method: str, metric: str) -> bool:
+        n = self.counts.get(ds, {}).get(method, {}).get(metric, 0)
+        return n >= self.expected.get(ds, {}).get(metric, 0) and n > 0
+
+
+def summarise(rows: list[dict], n_pairs: dict[str, int] | None = None,
+              n_gt_pairs: dict[str, int] | None = None) -> Summary:
+    """rows of {dataset, image, method, metric, value} -> Summary of each dataset, plus 'ALL' (all images)
+    when there is more than one dataset.
+
+    n_pairs: pairs per dataset that every cell should cover (default: the distinct images in `rows`);
+    n_gt_pairs: the same for ground-truth metrics (default: n_pairs).
+    """
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    nans: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    images: dict = defaultdict(set)
     for r in rows:
         v = float(r["value"])
-        if math.isnan(v):
-            continue
-        acc[r["dataset"]][r["method"]][r["metric"]].append(v)
-        acc["ALL"][r["method"]][r["metric"]].append(v)
+        images[r["dataset"]].add(r["image"])
+        for d in (r["dataset"], "ALL"):
+            if math.isnan(v):
+                nans[d][r["method"]][r["metric"]] += 1
+                acc[d][r["method"]][r["metric"]]  # the cell exists, with no value
+            else:
+                acc[d][r["method"]][r["metric"]].append(v)
     datasets = sorted(d for d in acc if d != "ALL")
+    n_pairs = dict(n_pairs) if n_pairs is not None else {d: len(images[d]) for d in datasets}
+    n_gt_pairs = dict(n_gt_pairs) if n_gt_pairs is not None else n_pairs
     if len(datasets) > 1:
+        n_pairs["ALL"] = sum(n_pairs.get(d, 0) for d in datasets)
+        n_gt_pairs["ALL"] = sum(n_gt_pairs.get(d, 0) for d in datasets)
         datasets.append("ALL")
-    return {d: {m: {k: float(np.mean(v)) for k, v in acc[d][m].items()} for m in acc[d]} for d in datasets}
+    means, counts, expected = {}, {}, {}
+    for d in datasets:
+        means[d] = {m: {k: _mean(v) for k, v in acc[d][m].items()} for m in acc[d]}
+        counts[d] = {m: {k: len(v) for k, v in acc[d][m].items()} for m in acc[d]}
+        metrics = {k for m in acc[d] for k in acc[d][m]}
+        expected[d] = {k: (n_gt_pairs if parse_metric(k)[0].kind == "gt" else n_pairs).get(d, 0) for k in metrics}
+    return Summary(means, counts, {d: {m: dict(v) for m, v in nans[d].items()} for d in datasets}, expected)
+
+
+def _mean(values: list[float]) -> float:
+    if not values:
+        return float("nan")
+    with np.errstate(invalid="ignore"):  # inf + -inf: no meaningful mean
+        return float(np.mean(values))
 
 
 def _fmt(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if abs(v) < 0.01:
+        return f"{v:.3g}"  # small values (Nabf, MSE) keep three significant digits rather than 0.0000
     return f"{v:.4f}" if abs(v) < 100 else f"{v:.2f}"
 
 
@@ -41,18 +93,26 @@ def _ranks(values: dict[str, float], higher: bool | None) -> dict[str, int]:
     return {m: ordered.index(v) for m, v in values.items() if not math.isnan(v) and ordered.index(v) < 2}
 
 
-def write_summary_csv(path: Path, summary, methods: list[str], metrics: list[str]) -> None:
+def write_summary_csv(path: Path, summary: Summary, methods: list[str], metrics: list[str]) -> None:
+    """dataset, method, the metric means, then `n:<metric>`: how many images each mean covers."""
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["dataset", "method"] + metrics)
+        w.writerow(["dataset", "method"] + metrics + [f"n:{k}" for k in metrics])
         for ds, by_method in summary.items():
             for m in methods:
                 if m in by_method:
-                    w.writerow([ds, m] + [repr(by_method[m].get(k, float("nan"))) for k in metrics])
+                    counts = summary.counts[ds][m]
+                    w.writerow([ds, m] + [repr(by_method[m].get(k, float("nan"))) for k in metrics]
+                               + [counts.get(k, 0) for k in metrics])
 
 
-def markdown_table(by_method: dict[str, dict[str, float]], methods: list[str], metrics: list[str]) -> str:
-    """One methods x metrics table; best bold, second underlined, per the metric's direction."""
+def markdown_table(summary: Summary, ds: str, methods: list[str], metrics: list[str]) -> str:
+    """One methods x metrics table; best bold, second underlined, per the metric's direction.
+
+    A cell covering fewer pairs than the dataset has shows `mean (n/N)` and is not ranked: its mean
+    is over other images than its neighbours' and cannot be compared with them.
+    """
+    by_method = summary.means[ds]
     heads = []
     for k in metrics:
         m, _ = parse_metric(k)
@@ -62,10 +122,13 @@ def markdown_table(by_method: dict[str, dict[str, float]], methods: list[str], m
     cells = {m: [] for m in present}
     for k in metrics:
         vals = {m: by_method[m].get(k, float("nan")) for m in present}
-        ranks = _ranks(vals, parse_metric(k)[0].higher_is_better) if len(present) > 1 else {}
+        ranked = {m: v for m, v in vals.items() if summary.complete(ds, m, k)}
+        ranks = _ranks(ranked, parse_metric(k)[0].higher_is_better) if len(ranked) > 1 else {}
         for m in present:
             s = _fmt(vals[m])
-            if ranks.get(m) == 0:
+            if not summary.complete(ds, m, k):
+                s += f" ({summary.counts[ds][m].get(k, 0)}/{summary.expected[ds].get(k, 0)})"
+            elif ranks.get(m) == 0:
                 s = f"**{s}**"
             elif ranks.get(m) == 1:
                 s = f"<u>{s}</u>"
@@ -75,13 +138,48 @@ def markdown_table(by_method: dict[str, dict[str, float]], methods: list[str], m
     return "\n".join(lines)
 
 
-def write_summary_md(path: Path, summary, methods, metrics, header_lines: list[str]) -> str:
+def coverage_notes(summary: Summary, methods: list[str], metrics: list[str]) -> list[str]:
+    """Lines naming the cells that cover fewer pairs than their dataset, and the metrics that were NaN."""
+    datasets = [d for d in summary.means if d != "ALL"]
+    lines, nan_metrics = [], {}
+    for m in methods:
+        for k in metrics:
+            parts, n_nan, n_missing = [], 0, 0
+            for d in datasets:
+                want = summary.expected[d].get(k, 0)
+                n = summary.counts[d].get(m, {}).get(k, 0)
+                nn = summary.nans[d].get(m, {}).get(k, 0)
+                if nn:
+                    nan_metrics[k] = nan_metrics.get(k, 0) + nn
+                if want and n < want:
+                    parts.append(f"{d} {n}/{want}" if len(datasets) > 1 else f"{n}/{want} pairs")
+                    n_nan += nn
+                    n_missing += max(0, want - n - nn)
+            if parts:
+                why = ", ".join(x for x in (f"{n_nan} NaN" if n_nan else "",
+                                           f"{n_missing} not scored (missing or skipped image)" if n_missing else "") if x)
+                lines.append(f"{m} / {k}: {', '.join(parts)} ({why})")
+    out = []
+    if lines:
+        out += ["Incomplete cells (shown as `mean (n/N)`, not ranked): a mean over fewer images than the others "
+                "is over a different subset, often an easier or harder one, so it cannot be compared with them."]
+        out += [f"  - {x}" for x in lines]
+    if nan_metrics:
+        out.append("NaN for some images (undefined there: flat or too small images, see docs/metrics.md): "
+                   + ", ".join(f"{k} ({n} value{'s' if n != 1 else ''})" for k, n in nan_metrics.items()) + ".")
+    return out
+
+
+def write_summary_md(path: Path, summary: Summary, methods, metrics, header_lines: list[str]) -> str:
     parts = list(header_lines)
-    for ds, by_method in summary.items():
+    for ds in summary.means:
         parts += ["", f"### {ds}" + (" (mean over all images)" if ds == "ALL" else ""), "",
-                  markdown_table(by_method, methods, metrics)]
-    parts += ["", "Best in **bold**, second <u>underlined</u>; ↑ higher is better, ↓ lower is better.", "",
-              "| metric | convention |", "|---|---|"]
+                  markdown_table(summary, ds, methods, metrics)]
+    parts += ["", "Best in **bold**, second <u>underlined</u>; ↑ higher is better, ↓ lower is better."]
+    notes = coverage_notes(summary, methods, metrics)
+    if notes:
+        parts += [""] + [n if n.startswith("  ") else f"- {n}" for n in notes]
+    parts += ["", "| metric | convention |", "|---|---|"]
     for k in metrics:
         m, variant = parse_metric(k)
         parts.append(f"| {k} | {m.convention}" + (f" [variant: {variant}]" if variant != "default" else "") + " |")
@@ -110,8 +208,9 @@ def pick_crop(images: list[np.ndarray], frac: float = 0.25) -> tuple[int, int, i
     """(top, left, size) of the square window with the most gradient energy in the mean source image."""
     g = np.mean([_rgb8(x).astype(np.float32).mean(axis=2) for x in images], axis=0)
     h, w = g.shape
-    s = max(8, int(min(h, w) * frac))
-    gy, gx = np.gradient(g)
+    s = min(max(8, int(min(h, w) * frac)), h, w)  # tiny images: the whole image
+    gy = np.gradient(g, axis=0) if h > 1 else np.zeros_like(g)
+    gx = np.gradient(g, axis=1) if w > 1 else np.zeros_like(g)
     e = np.sqrt(gx * gx + gy * gy)
     ii = np.pad(e.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     win = ii[s:, s:] - ii[:-s, s:] - ii[s:, :-s] + ii[:-s, :-s]

@@ -141,3 +141,77 @@ def test_model_fusion_path_with_a_stub(mff_data, monkeypatch):
                           "--out", str(out), "--workers", "1", "--no-compare"]) == 0
     assert {r["method"] for r in _read(out / "per_image.csv")} == {"DeFusion++"}
     assert (out / "fused" / "DeFusion++" / "Synth" / "im1.png").is_file()
+
+
+def _rows(ds, method, metric, values):
+    return [{"dataset": ds, "image": f"im{i}", "method": method, "metric": metric, "value": v}
+            for i, v in enumerate(values) if v is not None]
+
+
+def test_incomplete_cells_are_flagged_and_not_ranked(tmp_path):
+    from defusion_jax import report
+
+    nan = float("nan")
+    # 'partial' has one real value (image 0), a NaN (image 1) and nothing for image 2: its mean 0.9
+    # would be the best SSIM, but over one image of three.
+    rows = (_rows("D", "good", "SSIM", [0.5, 0.6, 0.7]) + _rows("D", "partial", "SSIM", [0.9, nan, None])
+            + _rows("D", "bad", "SSIM", [0.3, 0.3, 0.3]))
+    s = report.summarise(rows, {"D": 3})
+    assert list(s.means) == ["D"]  # one dataset: no ALL row
+    assert s.means["D"]["partial"]["SSIM"] == 0.9 and s.counts["D"]["partial"]["SSIM"] == 1
+    assert s.nans["D"]["partial"]["SSIM"] == 1 and s.counts["D"]["good"]["SSIM"] == 3
+    methods = ["good", "partial", "bad"]
+    table = report.markdown_table(s, "D", methods, ["SSIM"]).splitlines()
+    cell = {l.split("|")[1].strip(): l.split("|")[2].strip() for l in table[2:]}
+    assert cell == {"good": "**0.6000**", "partial": "0.9000 (1/3)", "bad": "<u>0.3000</u>"}
+    report.write_summary_csv(tmp_path / "s.csv", s, methods, ["SSIM"])
+    got = list(csv.reader(open(tmp_path / "s.csv")))
+    assert got[0] == ["dataset", "method", "SSIM", "n:SSIM"]
+    assert [r[3] for r in got[1:]] == ["3", "1", "3"]
+    md = report.write_summary_md(tmp_path / "s.md", s, methods, ["SSIM"], ["# t"])
+    assert "partial / SSIM: 1/3 pairs (1 NaN, 1 not scored" in md
+    assert "NaN for some images" in md and "SSIM (1 value)" in md
+
+
+def test_all_row_counts_pairs_over_datasets():
+    from defusion_jax import report
+
+    rows = _rows("D1", "x", "CC", [0.1, 0.2]) + _rows("D2", "x", "CC", [0.4]) + _rows("D1", "y", "CC", [0.5, 0.5])
+    s = report.summarise(rows, {"D1": 2, "D2": 1})
+    assert list(s.means) == ["D1", "D2", "ALL"]
+    assert s.expected["ALL"]["CC"] == 3 and s.counts["ALL"]["x"]["CC"] == 3
+    assert s.means["ALL"]["x"]["CC"] == pytest.approx(0.7 / 3)  # mean over images, not of dataset means
+    assert s.complete("ALL", "x", "CC") and not s.complete("ALL", "y", "CC")  # y has no D2 image
+    assert "y / CC: D2 0/1" in "\n".join(report.coverage_notes(s, ["x", "y"], ["CC"]))
+
+
+def test_inf_means_rank_first_and_small_values_keep_digits():
+    from defusion_jax import report
+
+    inf = float("inf")
+    rows = (_rows("D", "oracle", "PSNR_gt", [inf, 30.0]) + _rows("D", "a", "PSNR_gt", [30.0, 31.0])
+            + _rows("D", "b", "PSNR_gt", [20.0, 21.0]) + _rows("D", "a", "MSE", [0.001234, 0.001234])
+            + _rows("D", "b", "MSE", [0.0, 0.0]) + _rows("D", "oracle", "MSE", [0.5, 0.5]))
+    s = report.summarise(rows)
+    lines = report.markdown_table(s, "D", ["oracle", "a", "b"], ["PSNR_gt", "MSE"]).splitlines()[2:]
+    cells = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:4]] for l in lines}
+    assert cells["oracle"][0] == "**inf**" and cells["a"][0] == "<u>30.5000</u>" and cells["b"][0] == "20.5000"
+    assert cells["a"][1] == "<u>0.00123</u>" and cells["b"][1] == "**0**"  # lower MSE is better
+
+
+def test_tiny_pairs_get_a_compare_grid(tmp_path):
+    from defusion_jax import report
+
+    x = _img(0, h=7, w=7)
+    t, l, s = report.pick_crop([x, x[..., 0]])
+    assert (t, l, s) == (0, 0, 7)
+    assert report.pick_crop([np.zeros((1, 5), np.uint8)] * 2)[2] == 1
+    ds = tmp_path / "ivf" / "Tiny"
+    for role, seed in (("ir", 0), ("vi", 1)):
+        (ds / role).mkdir(parents=True)
+        Image.fromarray(_img(seed, h=7, w=7, rgb=role == "vi")).save(ds / role / "t.png")
+    out = tmp_path / "out"
+    assert evaluate.main(["--task", "ivf", "--pairs", str(ds), "--baseline", "average", "--metrics", "CC,SSIM",
+                          "--out", str(out), "--workers", "1"]) == 0
+    assert Image.open(out / "compare" / "t.png").width > 3 * 7
+    assert "SSIM" in (out / "summary.md").read_text()  # NaN below 11 px, reported rather than a crash
