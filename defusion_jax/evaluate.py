@@ -2,11 +2,12 @@
 
     python -m defusion_jax.evaluate --task {ivf,mef,mff} --pairs DIR --out OUT
         [--fused NAME=DIR ...] [--baseline NAME ...] [--model PATH] [--gt DIR]
-        [--metrics LIST] [--color {gray,per-channel}] [--clip-weights PATH] [--workers N]
+        [--metrics LIST] [--color {gray,per-channel}] [--clip-weights PATH] [--workers N] [--no-compare]
 
 DIR is a dataset folder holding the two source folders (ivf: ir/vi, mef: under/over, mff: A/B),
 or a folder of such dataset folders (one level), or the data root holding <task>/ folders.
-Fused images are matched to pairs by file stem, in FUSED/<dataset>/ or directly in FUSED/.
+Fused images are matched to pairs by file stem, in FUSED/<dataset>/ or directly in FUSED/
+(case-insensitively when no stem matches exactly).
 `--fused NAME` without '=' is the same as `--baseline NAME`. Writes OUT/per_image.csv,
 OUT/summary.csv, OUT/summary.md, OUT/compare/*.png and the fused images of baselines and of
 --model under OUT/fused/<method>/<dataset>/.
@@ -51,8 +52,27 @@ class Method:
 
 
 # ------------------------------------------------------------------------------------ discovery
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def pick_image(folder: Path, stem: str, warnings: list[str] | None = None, ignore_case: bool = False) -> Path | None:
+    """The image for `stem` in `folder`; when several files share the stem (X.png and X.jpg), the
+    first by name, with a warning naming the one taken."""
+    from defusion_jax.metrics.io import find_images
+
+    found = find_images(folder, stem, ignore_case=ignore_case)
+    if len(found) > 1:
+        msg = (f"{folder}: {', '.join(p.name for p in found)} share the stem {stem!r}; using {found[0].name}")
+        if warnings is None:
+            print(f"warning: {msg}", file=sys.stderr)
+        else:
+            warnings.append(msg)
+    return found[0] if found else None
+
+
 def discover(pairs: Path, task: str, gt: Path | None) -> list[Item]:
-    from defusion_jax.metrics.io import find_image, list_stems
+    from defusion_jax.metrics.io import list_stems
 
     ra, rb = ROLES[task]
     if not pairs.is_dir():
@@ -76,20 +96,21 @@ def discover(pairs: Path, task: str, gt: Path | None) -> list[Item]:
         for stem in sorted(sa - sb) + sorted(sb - sa):
             print(f"warning: {d.name}/{stem} has only one source; skipped", file=sys.stderr)
         for stem in sorted(sa & sb):
-            g = find_image(gt_dir, stem) if gt_dir is not None else None
-            items.append(Item(d.name, stem, str(find_image(d / ra, stem)), str(find_image(d / rb, stem)),
+            g = pick_image(gt_dir, stem) if gt_dir is not None else None
+            items.append(Item(d.name, stem, str(pick_image(d / ra, stem)), str(pick_image(d / rb, stem)),
                               str(g) if g else None))
     if not items:
         raise UsageError(f"--pairs {pairs}: no image pairs found")
     return items
 
 
-def fused_path(folder: str, item: Item) -> Path | None:
-    from defusion_jax.metrics.io import find_image
-
-    for d in (Path(folder) / item.dataset, Path(folder)):
-        if d.is_dir():
-            p = find_image(d, item.stem)
+def fused_path(folder: str, item: Item, warnings: list[str] | None = None) -> Path | None:
+    """The fused image for `item` in FOLDER/<dataset>/ or FOLDER/, by exact stem first, then by stem
+    ignoring case (tools that upper-case names)."""
+    dirs = [d for d in (Path(folder) / item.dataset, Path(folder)) if d.is_dir()]
+    for ignore_case in (False, True):
+        for d in dirs:
+            p = pick_image(d, item.stem, warnings, ignore_case=ignore_case)
             if p is not None:
                 return p
     return None
@@ -103,33 +124,75 @@ def _save_png(path: Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path)
 
 
+def _try_read(path, what: str, warnings: list[str]) -> np.ndarray | None:
+    from defusion_jax.metrics.io import _read_image
+
+    try:
+        return _read_image(path)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or unknown file is the user's data, not our bug
+        warnings.append(f"{what}: cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        return None
+
+
+def _size(x: np.ndarray) -> str:
+    return f"{x.shape[1]}x{x.shape[0]}"
+
+
+def read_sources(item: Item, warnings: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both sources of a pair, or None (with a warning) when one is unreadable or their sizes differ."""
+    name = f"{item.dataset}/{item.stem}"
+    a = _try_read(item.a, f"{name}: source", warnings)
+    b = _try_read(item.b, f"{name}: source", warnings)
+    if a is None or b is None:
+        return None
+    if a.shape[:2] != b.shape[:2]:
+        warnings.append(f"{name}: sources differ in size ({_size(a)} vs {_size(b)}); pair skipped")
+        return None
+    return a, b
+
+
 def score_item(job: dict) -> dict:
-    """Worker: fuse with baselines, score every method on one pair, draw its compare grid."""
+    """Worker: fuse with baselines, score every method on one pair, draw its compare grid.
+
+    A bad source skips the pair ("pair_skipped"), a bad GT only the GT metrics ("gt_ok" False), a bad
+    fused image only that method ("methods_skipped"); each with a warning.
+    """
     import cv2
 
     from defusion_jax import baselines, report
     from defusion_jax.metrics import score
-    from defusion_jax.metrics.io import _read_image
 
     cv2.setNumThreads(1)
     item: Item = job["item"]
     out = Path(job["out"])
-    a, b = _read_image(item.a), _read_image(item.b)
-    gt = _read_image(item.gt) if item.gt else None
+    name = f"{item.dataset}/{item.stem}"
     rows, warnings, tiles = [], [], []
+    result = {"rows": rows, "warnings": warnings, "pair_skipped": False, "gt_ok": False, "methods_skipped": 0}
+    src = read_sources(item, warnings)
+    if src is None:
+        result["pair_skipped"] = True
+        return result
+    a, b = src
+    gt = _try_read(item.gt, f"{name}: GT", warnings) if item.gt else None
+    if gt is not None and gt.shape[:2] != a.shape[:2]:
+        warnings.append(f"{name}: GT is {_size(gt)}, sources are {_size(a)}; GT metrics skipped for this pair")
+        gt = None
+    result["gt_ok"] = gt is not None
     for m in job["methods"]:
         if m.kind == "baseline":
             f = baselines.run_baseline(m.source, a, b)
             _save_png(out / "fused" / m.name / item.dataset / f"{item.stem}.png", f)
         else:
-            p = fused_path(m.source, item)
-            if p is None:
-                warnings.append(f"{m.name}: no fused image for {item.dataset}/{item.stem}")
+            p = fused_path(m.source, item, warnings)
+            f = None if p is None else _try_read(p, f"{m.name}: {name}", warnings)
+            if f is None:
+                if p is None:
+                    warnings.append(f"{m.name}: no fused image for {name}")
+                result["methods_skipped"] += 1
                 continue
-            f = _read_image(p)
         if f.shape[:2] != a.shape[:2]:
-            warnings.append(f"{m.name}: {item.dataset}/{item.stem} is {f.shape[1]}x{f.shape[0]}, "
-                            f"sources are {a.shape[1]}x{a.shape[0]}; skipped")
+            warnings.append(f"{m.name}: {name} is {_size(f)}, sources are {_size(a)}; skipped")
+            result["methods_skipped"] += 1
             continue
         tiles.append((m.name, f))
         for k, v in score(a, b, f, job["specs"], color=job["color"], gt=gt).items():
@@ -138,21 +201,24 @@ def score_item(job: dict) -> dict:
     if job["compare"] and tiles:
         ra, rb = ROLES[job["task"]]
         head = [(ra, a), (rb, b)] + ([("GT", gt)] if gt is not None else [])
-        name = f"{item.dataset}__{item.stem}.png" if job["multi"] else f"{item.stem}.png"
+        fname = f"{item.dataset}__{item.stem}.png" if job["multi"] else f"{item.stem}.png"
         (out / "compare").mkdir(parents=True, exist_ok=True)
-        report.compare_grid(head + tiles).save(out / "compare" / name)
-    return {"rows": rows, "warnings": warnings}
+        report.compare_grid(head + tiles).save(out / "compare" / fname)
+    return result
 
 
-def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, name: str) -> Path:
-    """Fuse every pair with the DeFusion++ network; the PNGs are then scored like any fused folder."""
+def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, name: str
+                    ) -> tuple[Path, dict[Item, str]]:
+    """Fuse every pair with the DeFusion++ network; the PNGs are then scored like any fused folder.
+
+    Returns the folder and the pairs that could not be fused (unreadable or mismatched sources), each
+    with its warning; those pairs are skipped altogether.
+    """
     try:
         from defusion_jax.api import load_model
     except ImportError as exc:
         raise UsageError(f"--model needs the DeFusion++ network code (defusion_jax.api), which failed to import: {exc}")
     from tqdm import tqdm
-
-    from defusion_jax.metrics.io import _read_image
 
     try:
         model = load_model(model_path)
@@ -164,30 +230,43 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
         return np.repeat(x[..., None], 3, axis=2) if x.ndim == 2 else x
 
     root = out / "fused" / name
+    bad: dict[Item, str] = {}
     for it in tqdm(items, desc=f"fusing with {name}", unit="pair"):
-        f = model.fuse_image(to01(_read_image(it.a)), to01(_read_image(it.b)), task)
+        warnings: list[str] = []
+        src = read_sources(it, warnings)
+        if src is None:
+            bad[it] = "; ".join(warnings)
+            continue
+        f = model.fuse_image(to01(src[0]), to01(src[1]), task)
         _save_png(root / it.dataset / f"{it.stem}.png",
                   np.clip(np.rint(np.asarray(f) * 255.0), 0, 255).astype(np.uint8))
-    return root
+    return root, bad
 
 
-def clip_scores(weights: str, items, methods, out: Path, multi: bool) -> list[dict]:
+def load_clip(weights: str):
+    """The CLIPIQA scorer, built before any work so bad weights or a missing open_clip fail at once."""
     from defusion_jax.metrics.clipiqa import ClipIQA
-    from defusion_jax.metrics.io import _read_image
-    from defusion_jax.metrics import _rgb01
 
     try:
-        scorer = ClipIQA(weights)
+        return ClipIQA(weights)
     except Exception as exc:  # noqa: BLE001 - missing package or unreadable weights: a user-facing problem
-        raise UsageError(f"CLIPIQA: cannot load {weights}: {exc}")
+        raise UsageError(f"CLIPIQA: cannot load {weights}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def clip_scores(scorer, items, methods, out: Path, multi: bool, warnings: list[str]) -> list[dict]:
+    from defusion_jax.metrics import _rgb01
+
     rows = []
     for it in items:
         for m in methods:
             p = (out / "fused" / m.name / it.dataset / f"{it.stem}.png") if m.kind == "baseline" else fused_path(m.source, it)
             if p is None or not Path(p).exists():
                 continue
+            f = _try_read(p, f"{m.name}: {it.dataset}/{it.stem} (CLIPIQA)", warnings)
+            if f is None:
+                continue
             rows.append({"dataset": it.dataset, "image": it.image_id(multi), "method": m.name,
-                         "metric": "CLIPIQA", "value": float(scorer(_rgb01(_read_image(p))))})
+                         "metric": "CLIPIQA", "value": float(scorer(_rgb01(f)))})
     return rows
 
 
@@ -224,6 +303,8 @@ def run(args) -> int:
     from defusion_jax.baselines import BASELINES
     from defusion_jax.metrics import parse_metric, resolve
 
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
     notes: list[str] = []
     requested = [s.strip() for s in args.metrics.split(",") if s.strip()]
     try:
@@ -250,6 +331,7 @@ def run(args) -> int:
     if not specs:
         raise UsageError("no metric left to compute")
     multi = len({it.dataset for it in items}) > 1
+    n_all = len(items)
 
     methods: list[Method] = []
     for opt, spec in args.methods:
@@ -262,40 +344,51 @@ def run(args) -> int:
             methods.append(Method(spec, "baseline", spec))
         else:
             raise UsageError(f"unknown baseline {spec!r}; choose from {', '.join(BASELINES)} (or give --fused NAME=DIR)")
-    if args.model:
-        if not Path(args.model).exists():
-            raise UsageError(f"--model {args.model}: no such file or folder")
-        root = fuse_with_model(args.model, items, args.task, args.out, "DeFusion++")
-        methods.append(Method("DeFusion++", "dir", str(root)))
-    names = [m.name for m in methods]
-    if not methods:
+    if args.model and not Path(args.model).exists():
+        raise UsageError(f"--model {args.model}: no such file or folder")
+    names = [m.name for m in methods] + (["DeFusion++"] if args.model else [])
+    if not names:
         raise UsageError("nothing to evaluate: give --fused NAME=DIR, --baseline NAME or --model PATH")
     if len(set(names)) != len(names):
         raise UsageError(f"method names must be unique, got {names}")
+    clip = load_clip(args.clip_weights) if "CLIPIQA" in specs else None
+
+    warnings: list[str] = []
+    skipped_pairs: list[str] = []
+    if args.model:
+        root, bad = fuse_with_model(args.model, items, args.task, args.out, "DeFusion++")
+        methods.append(Method("DeFusion++", "dir", str(root)))
+        warnings += bad.values()
+        skipped_pairs += [f"{it.dataset}/{it.stem}" for it in bad]
+        items = [it for it in items if it not in bad]
 
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [{"item": it, "methods": methods, "specs": [s for s in specs if s != "CLIPIQA"], "color": args.color,
              "out": str(args.out), "multi": multi, "task": args.task, "compare": not args.no_compare} for it in items]
-    rows, warnings = [], []
+    rows: list[dict] = []
+    scored: list[Item] = []
+    gt_ok: set[Item] = set()
+    methods_skipped = 0
     workers = max(1, min(args.workers, len(jobs)))
     bar = tqdm(total=len(jobs), desc="scoring", unit="pair")
-    if workers == 1:
-        results = map(score_item, jobs)
-        for r in results:
-            rows += r["rows"]
-            warnings += r["warnings"]
-            bar.update()
-    else:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for r in pool.imap(score_item, jobs):
-                rows += r["rows"]
-                warnings += r["warnings"]
-                bar.update()
+    for job, r in zip(jobs, _score_all(jobs, workers)):
+        rows += r["rows"]
+        warnings += r["warnings"]
+        methods_skipped += r["methods_skipped"]
+        if r["pair_skipped"]:
+            skipped_pairs.append(f"{job['item'].dataset}/{job['item'].stem}")
+        else:
+            scored.append(job["item"])
+            if r["gt_ok"]:
+                gt_ok.add(job["item"])
+        bar.update()
     bar.close()
-    if "CLIPIQA" in specs:
-        rows += clip_scores(args.clip_weights, items, methods, args.out, multi)
+    if clip is not None:
+        rows += clip_scores(clip, scored, methods, args.out, multi, warnings)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if not scored:
+        raise UsageError(f"none of the {_plural(n_all, 'pair')} could be read (see the warnings)")
     if not rows:
         raise UsageError("no fused image matched any pair (check the file stems)")
 
@@ -304,25 +397,47 @@ def run(args) -> int:
         w.writeheader()
         for r in rows:
             w.writerow({**r, "value": repr(float(r["value"]))})
-    n_pairs = {d: sum(it.dataset == d for it in items) for d in dict.fromkeys(it.dataset for it in items)}
-    n_gt = {d: sum(it.dataset == d and it.gt is not None for it in items) for d in n_pairs}
+    datasets = list(dict.fromkeys(it.dataset for it in items))
+    n_pairs = {d: sum(it.dataset == d for it in scored) for d in datasets}
+    n_gt = {d: sum(it.dataset == d for it in gt_ok) for d in datasets}
     summary = report.summarise(rows, n_pairs, n_gt)
     metric_cols = [s for s in specs if any(r["metric"] == s for r in rows)]
     report.write_summary_csv(args.out / "summary.csv", summary, names, metric_cols)
     header = [f"# Evaluation: task {args.task}", "",
-              f"Pairs: `{args.pairs}` ({len(items)} pairs: "
-              + ", ".join(f"{d} {sum(it.dataset == d for it in items)}" for d in dict.fromkeys(it.dataset for it in items))
+              f"Pairs: `{args.pairs}` ({_plural(n_all, 'pair')}"
+              + (f", {len(scored)} scored" if len(scored) != n_all else "") + ": "
+              + ", ".join(f"{d} {n_pairs[d]}" for d in datasets)
               + f"). Colour convention: {args.color}. Values are means over images."]
-    if warnings:
-        notes.append(f"{len(warnings)} method/image combinations were skipped (see stderr).")
+    if skipped_pairs:
+        notes.append(f"{_plural(len(skipped_pairs), 'pair')} skipped (unreadable sources or sources of different "
+                     f"sizes; see stderr): {', '.join(skipped_pairs)}.")
+    n_gt_bad = sum(1 for it in scored if it.gt and it not in gt_ok)
+    if n_gt_bad and any(parse_metric(s)[0].kind == "gt" for s in metric_cols):
+        notes.append(f"GT unusable (unreadable or of another size) for {_plural(n_gt_bad, 'pair')}; "
+                     "their GT metrics were not computed.")
+    if methods_skipped:
+        notes.append(f"{methods_skipped} method/image combination{'s were' if methods_skipped != 1 else ' was'} "
+                     "skipped: missing, unreadable or wrongly sized fused images (see stderr).")
     header += [f"- {n}" for n in notes]
     text = report.write_summary_md(args.out / "summary.md", summary, names, metric_cols, header)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
+    if report.coverage_notes(summary, names, metric_cols):
+        print("note: some means cover fewer images than others (shown as 'mean (n/N)', not ranked); "
+              "see summary.md", file=sys.stderr)
     print(text.split("\n\nBest in")[0])
     print(f"\nwrote {args.out / 'per_image.csv'}, summary.csv, summary.md"
-          + ("" if args.no_compare else f" and {len(items)} compare grids in {args.out / 'compare'}"))
+          + ("" if args.no_compare else f" and compare grids in {args.out / 'compare'}"))
     return 0
+
+
+def _score_all(jobs: list[dict], workers: int):
+    """score_item over the jobs, in order, in this process or a spawn pool."""
+    if workers == 1:
+        yield from map(score_item, jobs)
+        return
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(score_item, jobs)
 
 
 def main(argv=None) -> int:

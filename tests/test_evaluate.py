@@ -215,3 +215,110 @@ def test_tiny_pairs_get_a_compare_grid(tmp_path):
                           "--out", str(out), "--workers", "1"]) == 0
     assert Image.open(out / "compare" / "t.png").width > 3 * 7
     assert "SSIM" in (out / "summary.md").read_text()  # NaN below 11 px, reported rather than a crash
+
+
+def _run(ds, out, *extra, metrics="PSNR,SSIM:mean,PSNR_gt"):
+    return evaluate.main(["--task", "mff", "--pairs", str(ds), "--metrics", metrics, "--out", str(out),
+                          "--workers", "1", "--no-compare", *extra])
+
+
+def _no_traceback(err):
+    assert "Traceback" not in err and "Error:" not in err.replace("error:", "")
+
+
+def test_corrupt_or_mismatched_source_skips_the_pair(mff_data, capsys):
+    root, ds = mff_data
+    (ds / "A" / "im0.png").write_bytes(b"not a png")
+    assert _run(ds, root / "o", "--baseline", "average") == 0
+    err = capsys.readouterr().err
+    _no_traceback(err)
+    assert "Synth/im0: source: cannot read" in err
+    assert {r["image"] for r in _read(root / "o" / "per_image.csv")} == {"im1"}
+    md = (root / "o" / "summary.md").read_text()
+    assert "1 pair skipped" in md and "Synth/im0" in md and "(2 pairs, 1 scored: Synth 1)" in md
+    assert "Incomplete cells" not in md  # the remaining pair is the whole scored set
+    Image.fromarray(_img(5, h=32, w=32)).save(ds / "A" / "im0.png")  # now readable, but another size
+    assert _run(ds, root / "o2", "--baseline", "average") == 0
+    assert "sources differ in size (32x32 vs 72x64); pair skipped" in capsys.readouterr().err
+
+
+def test_corrupt_fused_image_skips_that_method_only(mff_data, capsys):
+    root, ds = mff_data
+    fused = root / "mine"
+    fused.mkdir()
+    (fused / "im0.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.fromarray(np.asarray(Image.open(ds / "GT" / "im1.png"))).save(fused / "im1.png")
+    assert _run(ds, root / "o", "--fused", f"mine={fused}", "--baseline", "average") == 0
+    err = capsys.readouterr().err
+    _no_traceback(err)
+    assert "mine: Synth/im0: cannot read" in err
+    s = {r["method"]: r for r in _read(root / "o" / "summary.csv")}
+    assert s["mine"]["n:PSNR"] == "1" and s["average"]["n:PSNR"] == "2"
+    md = (root / "o" / "summary.md").read_text()
+    assert "1 method/image combination was skipped" in md and "(1/2)" in md
+
+
+@pytest.mark.parametrize("bad_gt", ["corrupt", "size"])
+def test_bad_gt_skips_gt_metrics_of_that_pair(mff_data, capsys, bad_gt):
+    root, ds = mff_data
+    if bad_gt == "corrupt":
+        (ds / "GT" / "im0.png").write_bytes(b"garbage")
+    else:
+        Image.fromarray(_img(3, h=16, w=16)).save(ds / "GT" / "im0.png")
+    assert _run(ds, root / "o", "--baseline", "average", "--baseline", "maxabs") == 0
+    err = capsys.readouterr().err
+    _no_traceback(err)
+    assert ("GT: cannot read" if bad_gt == "corrupt" else "GT is 16x16, sources are 72x64") in err
+    got = {(r["image"], r["method"], r["metric"]) for r in _read(root / "o" / "per_image.csv")}
+    assert ("im0", "average", "PSNR") in got and ("im0", "average", "PSNR_gt") not in got
+    assert ("im1", "average", "PSNR_gt") in got
+    md = (root / "o" / "summary.md").read_text()
+    assert "GT unusable" in md and "**" in md  # N for GT metrics is the pairs with a usable GT: still ranked
+
+
+def test_out_that_is_a_file_is_a_usage_error(mff_data, capsys):
+    root, ds = mff_data
+    f = root / "taken.txt"
+    f.write_text("x")
+    assert _run(ds, f, "--baseline", "average") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists and is not a folder" in err[0]
+
+
+def test_bad_clip_weights_fail_before_any_work(mff_data, capsys):
+    root, ds = mff_data
+    w = root / "rn50.pt"
+    w.write_bytes(b"not weights")
+    out = root / "o"
+    assert _run(ds, out, "--baseline", "average", "--clip-weights", str(w), metrics="PSNR,CLIPIQA") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: CLIPIQA: cannot load")
+    assert not out.exists()  # nothing fused or scored first
+
+
+def test_stem_matching_duplicates_and_case(mff_data, capsys):
+    root, ds = mff_data
+    fused = root / "mine"
+    fused.mkdir()
+    gt0 = Image.open(ds / "GT" / "im0.png")
+    gt0.save(fused / "im0.png")
+    gt0.save(fused / "im0.jpg", quality=50)
+    Image.open(ds / "GT" / "im1.png").save(fused / "IM1.PNG")  # no exact stem: case-insensitive match
+    assert _run(ds, root / "o", "--fused", f"mine={fused}") == 0
+    err = capsys.readouterr().err
+    assert "im0.jpg, im0.png share the stem 'im0'; using im0.jpg" in err
+    got = {(r["image"], r["metric"]): float(r["value"]) for r in _read(root / "o" / "per_image.csv")}
+    assert got[("im1", "PSNR_gt")] == float("inf")  # IM1.PNG is the GT itself
+    assert got[("im0", "PSNR_gt")] < 60  # the JPEG was taken, as the warning says
+    md = (root / "o" / "summary.md").read_text()
+    assert "(2 pairs: Synth 2)" in md
+
+
+def test_single_pair_is_singular(tmp_path):
+    ds = tmp_path / "mef" / "One"
+    for role, seed in (("under", 0), ("over", 1)):
+        (ds / role).mkdir(parents=True)
+        Image.fromarray(_img(seed)).save(ds / role / "x.png")
+    assert evaluate.main(["--task", "mef", "--pairs", str(ds), "--baseline", "average", "--metrics", "CC",
+                          "--out", str(tmp_path / "o"), "--workers", "1", "--no-compare"]) == 0
+    assert "(1 pair: One 1)" in (tmp_path / "o" / "summary.md").read_text()

@@ -63,12 +63,24 @@ def _normalise_array(a: np.ndarray) -> np.ndarray:
     return np.clip(a, 0, 65535).astype(np.uint16)
 
 
+def find_images(folder: Path, stem: str, ignore_case: bool = False) -> list[Path]:
+    """All images in `folder` whose stem is `stem` (any extension, any case of it), sorted by name.
+
+    ignore_case: match the stem case-insensitively too (`IM01.PNG` for `im01`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    want = stem.lower() if ignore_case else stem
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and (p.stem.lower() if ignore_case else p.stem) == want)
+
+
 def find_image(folder: Path, stem: str) -> Path | None:
-    """The image in `folder` whose stem is `stem` (any extension, any case), or None."""
-    for p in sorted(Path(folder).glob(stem + ".*")):
-        if p.suffix.lower() in IMAGE_EXTS and p.stem == stem:
-            return p
-    return None
+    """The image in `folder` whose stem is `stem` (any extension, any case of it), or None; the first
+    by name when several extensions share the stem (see `find_images`)."""
+    found = find_images(folder, stem)
+    return found[0] if found else None
 
 
 def list_stems(folder: Path) -> list[str]:
