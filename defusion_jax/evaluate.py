@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +120,28 @@ def fused_path(folder: str, item: Item, warnings: list[str] | None = None) -> Pa
 
 # ------------------------------------------------------------------------------------- scoring
 def _save_png(path: Path, arr: np.ndarray) -> None:
+    """Write via a temporary name in the same folder and rename, so a PNG that exists is complete."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _file_sig(path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _try_read(path, what: str, warnings: list[str]) -> np.ndarray | None:
@@ -207,12 +227,31 @@ def score_item(job: dict) -> dict:
     return result
 
 
+MARKER = "fused_by.json"
+
+
+def model_fingerprint(model_path: str, meta: dict | None) -> dict:
+    """What identifies the network that made a folder of fused PNGs: a checkpoint file by resolved path,
+    size and mtime; a workdir by the checkpoint step and path `load_model` reports (a converted folder,
+    which has no step, by its files' sizes and mtimes)."""
+    p = Path(model_path).resolve()
+    if p.is_file():
+        return {"path": str(p), "file": _file_sig(p)}
+    meta = meta or {}
+    fp = {"path": str(p), "step": meta.get("step"), "source": str(meta.get("source", ""))}
+    if fp["step"] is None:
+        fp["files"] = {c.name: _file_sig(c) for c in sorted(p.iterdir()) if c.is_file()}
+    return fp
+
+
 def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, name: str
                     ) -> tuple[Path, dict[Item, str]]:
     """Fuse every pair with the DeFusion++ network; the PNGs are then scored like any fused folder.
 
-    Returns the folder and the pairs that could not be fused (unreadable or mismatched sources), each
-    with its warning; those pairs are skipped altogether.
+    A rerun into the same OUT reuses a pair's PNG when OUT/fused/<name>/fused_by.json says it was
+    made by the same model, for the same task, from the same source files (size and mtime); otherwise
+    the pair is fused again (~30 s a pair on CPU). Returns the folder and the pairs that could not be
+    fused (unreadable or mismatched sources), each with its warning; those pairs are skipped.
     """
     try:
         from defusion_jax.api import load_model
@@ -220,26 +259,57 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
         raise UsageError(f"--model needs the DeFusion++ network code (defusion_jax.api), which failed to import: {exc}")
     from tqdm import tqdm
 
+    def load():
+        try:
+            return load_model(model_path)
+        except Exception as exc:  # noqa: BLE001 - any load failure is a user-facing input problem
+            raise UsageError(f"--model {model_path}: {exc}")
+
+    # A checkpoint file is identified without loading it, so a rerun that reuses every PNG skips the load.
+    model = None if Path(model_path).is_file() else load()
+    fp = model_fingerprint(model_path, getattr(model, "meta", None))
+    root = out / "fused" / name
     try:
-        model = load_model(model_path)
-    except Exception as exc:  # noqa: BLE001 - any load failure is a user-facing input problem
-        raise UsageError(f"--model {model_path}: {exc}")
+        marker = json.loads((root / MARKER).read_text())
+    except (OSError, ValueError):
+        marker = None
+    if not isinstance(marker, dict) or marker.get("model") != fp or marker.get("task") != task:
+        marker = {"model": fp, "task": task, "pairs": {}}  # PNGs already there are another model's: not reused
+        root.mkdir(parents=True, exist_ok=True)
+        _write_json(root / MARKER, marker)
 
     def to01(x):
         x = x.astype(np.float32) / (65535.0 if x.dtype == np.uint16 else 255.0)
         return np.repeat(x[..., None], 3, axis=2) if x.ndim == 2 else x
 
-    root = out / "fused" / name
     bad: dict[Item, str] = {}
-    for it in tqdm(items, desc=f"fusing with {name}", unit="pair"):
+    todo = []
+    for it in items:
+        png = root / it.dataset / f"{it.stem}.png"
+        key = f"{it.dataset}/{it.stem}"
+        try:
+            sig = {"a": _file_sig(it.a), "b": _file_sig(it.b)}
+        except OSError:
+            sig = None
+        if sig is not None and marker["pairs"].get(key) == sig and png.is_file():
+            continue
+        todo.append((it, png, key, sig))
+    reused = len(items) - len(todo)
+    if reused:
+        print(f"note: {name}: reused {reused} of {_plural(len(items), 'fused image')} in {root} (made by the same "
+              f"model from the same sources); fusing {len(todo)}", file=sys.stderr)
+    if todo and model is None:
+        model = load()
+    for it, png, key, sig in tqdm(todo, desc=f"fusing with {name}", unit="pair", disable=not todo):
         warnings: list[str] = []
         src = read_sources(it, warnings)
         if src is None:
             bad[it] = "; ".join(warnings)
             continue
         f = model.fuse_image(to01(src[0]), to01(src[1]), task)
-        _save_png(root / it.dataset / f"{it.stem}.png",
-                  np.clip(np.rint(np.asarray(f) * 255.0), 0, 255).astype(np.uint8))
+        _save_png(png, np.clip(np.rint(np.asarray(f) * 255.0), 0, 255).astype(np.uint8))
+        marker["pairs"][key] = sig
+        _write_json(root / MARKER, marker)
     return root, bad
 
 
@@ -371,20 +441,42 @@ def run(args) -> int:
     methods_skipped = 0
     workers = max(1, min(args.workers, len(jobs)))
     bar = tqdm(total=len(jobs), desc="scoring", unit="pair")
-    for job, r in zip(jobs, _score_all(jobs, workers)):
-        rows += r["rows"]
-        warnings += r["warnings"]
-        methods_skipped += r["methods_skipped"]
-        if r["pair_skipped"]:
-            skipped_pairs.append(f"{job['item'].dataset}/{job['item'].stem}")
-        else:
-            scored.append(job["item"])
-            if r["gt_ok"]:
-                gt_ok.add(job["item"])
-        bar.update()
-    bar.close()
-    if clip is not None:
-        rows += clip_scores(clip, scored, methods, args.out, multi, warnings)
+    results = _score_all(jobs, workers)
+    done = 0
+    interrupted = False
+    try:
+        for job, r in zip(jobs, results):
+            rows += r["rows"]
+            warnings += r["warnings"]
+            methods_skipped += r["methods_skipped"]
+            if r["pair_skipped"]:
+                skipped_pairs.append(f"{job['item'].dataset}/{job['item'].stem}")
+            else:
+                scored.append(job["item"])
+                if r["gt_ok"]:
+                    gt_ok.add(job["item"])
+            done += 1
+            bar.update()
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what is scored; closing the generator terminates the pool.
+        interrupted = True
+    finally:
+        results.close()
+        bar.close()
+    if interrupted:
+        msg = f"interrupted after {done} of {_plural(len(jobs), 'pair')}"
+        if not scored or not rows:
+            print(f"{msg}; nothing written", file=sys.stderr)
+            return 130
+        notes.append(f"{msg[0].upper()}{msg[1:]} (Ctrl-C): the tables cover the {_plural(len(scored), 'pair')} "
+                     "scored before it" + ("; CLIPIQA was not computed." if clip is not None else "."))
+    elif clip is not None:
+        try:
+            rows += clip_scores(clip, scored, methods, args.out, multi, warnings)
+        except KeyboardInterrupt:
+            interrupted = True
+            msg = f"interrupted while computing CLIPIQA, after scoring all {_plural(len(jobs), 'pair')}"
+            notes.append(f"{msg[0].upper()}{msg[1:]} (Ctrl-C): CLIPIQA was not computed.")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if not scored:
@@ -420,6 +512,9 @@ def run(args) -> int:
                      "skipped: missing, unreadable or wrongly sized fused images (see stderr).")
     header += [f"- {n}" for n in notes]
     text = report.write_summary_md(args.out / "summary.md", summary, names, metric_cols, header)
+    if interrupted:
+        print(f"{msg}; wrote what was scored to {args.out} (per_image.csv, summary.csv, summary.md)", file=sys.stderr)
+        return 130
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     if report.coverage_notes(summary, names, metric_cols):
@@ -431,12 +526,18 @@ def run(args) -> int:
     return 0
 
 
+def _ignore_sigint() -> None:
+    # Pool workers share the terminal's process group: Ctrl-C reaches them too. The parent alone
+    # handles it (and terminates them), so they print no tracebacks of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _score_all(jobs: list[dict], workers: int):
-    """score_item over the jobs, in order, in this process or a spawn pool."""
+    """score_item over the jobs, in order, in this process or a spawn pool (terminated on close)."""
     if workers == 1:
         yield from map(score_item, jobs)
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
+    with mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint) as pool:
         yield from pool.imap(score_item, jobs)
 
 
@@ -451,6 +552,10 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before scoring (fusing with --model): no tables yet
+        print("interrupted before scoring; no tables written (fused images already written are reused "
+              "by a rerun into the same --out)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

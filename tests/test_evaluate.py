@@ -322,3 +322,132 @@ def test_single_pair_is_singular(tmp_path):
     assert evaluate.main(["--task", "mef", "--pairs", str(ds), "--baseline", "average", "--metrics", "CC",
                           "--out", str(tmp_path / "o"), "--workers", "1", "--no-compare"]) == 0
     assert "(1 pair: One 1)" in (tmp_path / "o" / "summary.md").read_text()
+
+
+def test_ctrl_c_writes_what_was_scored_and_exits_130(mff_data, capsys, monkeypatch):
+    root, ds = mff_data
+    real, calls = evaluate.score_item, []
+
+    def interrupted_on_second(job):
+        calls.append(job["item"].stem)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(evaluate, "score_item", interrupted_on_second)
+    out = root / "o"
+    rc = evaluate.main(["--task", "mff", "--pairs", str(ds), "--baseline", "average", "--metrics", "PSNR,CC",
+                        "--out", str(out), "--workers", "1", "--no-compare"])
+    cap = capsys.readouterr()
+    assert rc == 130 and "Traceback" not in cap.err
+    assert cap.err.strip().splitlines()[-1].startswith("interrupted after 1 of 2 pairs; wrote")
+    assert {r["image"] for r in _read(out / "per_image.csv")} == {"im0"}
+    md = (out / "summary.md").read_text()
+    assert "Interrupted after 1 of 2 pairs" in md and "Incomplete cells" not in md  # N is the pairs scored
+    assert [r["n:PSNR"] for r in _read(out / "summary.csv")] == ["1"]
+
+
+def test_pool_workers_leave_ctrl_c_to_the_parent():
+    import signal
+
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        evaluate._ignore_sigint()  # the pool initializer
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _stub_model(monkeypatch, meta=None, fail_at=None):
+    import types
+
+    calls = []
+
+    class Stub:
+        def __init__(self):
+            self.meta = dict(meta or {})
+
+        def fuse_image(self, a, b, task):
+            calls.append(task)
+            if fail_at is not None and len(calls) == fail_at:
+                raise KeyboardInterrupt
+            return np.maximum(a, b)
+
+    monkeypatch.setitem(sys.modules, "defusion_jax.api", types.SimpleNamespace(load_model=lambda p: Stub()))
+    return calls
+
+
+def _model_run(ds, out, model):
+    return evaluate.main(["--task", "mff", "--pairs", str(ds), "--model", str(model), "--metrics", "PSNR_gt",
+                          "--out", str(out), "--workers", "1", "--no-compare"])
+
+
+def test_model_reruns_reuse_pngs_of_the_same_model_only(mff_data, monkeypatch, capsys):
+    import os
+
+    root, ds = mff_data
+    ckpt, out = root / "model.pth", root / "m"
+    ckpt.write_bytes(b"v1")
+    calls = _stub_model(monkeypatch)
+    assert _model_run(ds, out, ckpt) == 0 and len(calls) == 2
+    first = _read(out / "per_image.csv")
+    capsys.readouterr()
+    assert _model_run(ds, out, ckpt) == 0 and len(calls) == 2  # nothing fused again
+    assert "reused 2 of 2 fused images" in capsys.readouterr().err
+    assert _read(out / "per_image.csv") == first
+    (out / "fused" / "DeFusion++" / "Synth" / "im1.png").unlink()
+    assert _model_run(ds, out, ckpt) == 0 and len(calls) == 3  # only the missing one
+    src = ds / "A" / "im0.png"
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))  # a source changed
+    assert _model_run(ds, out, ckpt) == 0 and len(calls) == 4
+    ckpt.write_bytes(b"v2, another model")
+    assert _model_run(ds, out, ckpt) == 0 and len(calls) == 6  # all again
+    assert "reused" not in capsys.readouterr().err.split("fusing with")[-1]
+
+
+def test_model_workdir_reuse_follows_the_checkpoint_step(mff_data, monkeypatch):
+    root, ds = mff_data
+    wd, out = root / "workdir", root / "m"
+    wd.mkdir()
+    calls = _stub_model(monkeypatch, {"step": 100, "source": str(wd / "checkpoints" / "100")})
+    assert _model_run(ds, out, wd) == 0 and _model_run(ds, out, wd) == 0 and len(calls) == 2
+    calls2 = _stub_model(monkeypatch, {"step": 200, "source": str(wd / "checkpoints" / "200")})
+    assert _model_run(ds, out, wd) == 0 and len(calls2) == 2
+
+
+def test_interrupted_png_write_is_never_reused(mff_data, monkeypatch, capsys):
+    from PIL import Image as PILImage
+
+    root, ds = mff_data
+    ckpt, out = root / "model.pth", root / "m"
+    ckpt.write_bytes(b"v1")
+    calls = _stub_model(monkeypatch)
+    real_save, n = PILImage.Image.save, []
+
+    def save_then_ctrl_c(self, fp, *a, **k):
+        n.append(fp)
+        if len(n) == 2:  # the second PNG: half written, then Ctrl-C
+            open(fp, "wb").write(b"\x89PNG\r\n\x1a\n")
+            raise KeyboardInterrupt
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(PILImage.Image, "save", save_then_ctrl_c)
+    assert _model_run(ds, out, ckpt) == 130
+    assert "Traceback" not in capsys.readouterr().err
+    folder = out / "fused" / "DeFusion++" / "Synth"
+    assert sorted(p.name for p in folder.iterdir()) == ["im0.png"]  # no partial file left under any name
+    monkeypatch.setattr(PILImage.Image, "save", real_save)
+    assert _model_run(ds, out, ckpt) == 0 and len(calls) == 3  # im0 reused, im1 fused again
+    assert {r["image"] for r in _read(out / "per_image.csv")} == {"im0", "im1"}
+
+
+def test_model_skips_a_pair_with_an_unreadable_source(mff_data, monkeypatch, capsys):
+    root, ds = mff_data
+    ckpt, out = root / "model.pth", root / "m"
+    ckpt.write_bytes(b"v1")
+    (ds / "B" / "im1.png").write_bytes(b"junk")
+    calls = _stub_model(monkeypatch)
+    assert _model_run(ds, out, ckpt) == 0 and len(calls) == 1
+    err = capsys.readouterr().err
+    assert "Synth/im1: source: cannot read" in err and "Traceback" not in err
+    assert "1 pair skipped" in (out / "summary.md").read_text()
