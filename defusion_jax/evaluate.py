@@ -329,7 +329,7 @@ def clip_scores(scorer, items, methods, out: Path, multi: bool, warnings: list[s
     rows = []
     for it in items:
         for m in methods:
-            p = (out / "fused" / m.name / it.dataset / f"{it.stem}.png") if m.kind == "baseline" else fused_path(m.source, it)
+            p = (out / "fused" / m.name / it.dataset / f"{it.stem}.png") if m.kind == "baseline" else fused_path(m.source, it, warnings)
             if p is None or not Path(p).exists():
                 continue
             f = _try_read(p, f"{m.name}: {it.dataset}/{it.stem} (CLIPIQA)", warnings)
@@ -477,7 +477,7 @@ def run(args) -> int:
             interrupted = True
             msg = f"interrupted while computing CLIPIQA, after scoring all {_plural(len(jobs), 'pair')}"
             notes.append(f"{msg[0].upper()}{msg[1:]} (Ctrl-C): CLIPIQA was not computed.")
-    for w in warnings:
+    for w in dict.fromkeys(warnings):  # CLIPIQA looks the same files up again
         print(f"warning: {w}", file=sys.stderr)
     if not scored:
         raise UsageError(f"none of the {_plural(n_all, 'pair')} could be read (see the warnings)")

@@ -451,3 +451,26 @@ def test_model_skips_a_pair_with_an_unreadable_source(mff_data, monkeypatch, cap
     err = capsys.readouterr().err
     assert "Synth/im1: source: cannot read" in err and "Traceback" not in err
     assert "1 pair skipped" in (out / "summary.md").read_text()
+
+
+def test_clip_scorer_built_once_and_warnings_printed_once(mff_data, monkeypatch, capsys):
+    root, ds = mff_data
+    fused = root / "mine"
+    fused.mkdir()
+    for stem in ("im0", "im1"):
+        Image.open(ds / "GT" / f"{stem}.png").save(fused / f"{stem}.png")
+    Image.open(ds / "GT" / "im0.png").save(fused / "im0.bmp")
+    built = []
+
+    def fake_clip(weights):
+        built.append(weights)
+        return lambda img: float(img.mean())  # HxWx3 in [0,1]
+
+    monkeypatch.setattr(evaluate, "load_clip", fake_clip)
+    w = root / "rn50.pt"
+    w.write_bytes(b"x")
+    assert _run(ds, root / "o", "--fused", f"mine={fused}", "--clip-weights", str(w), metrics="CLIPIQA,CC") == 0
+    assert built == [str(w)]
+    rows = [r for r in _read(root / "o" / "per_image.csv") if r["metric"] == "CLIPIQA"]
+    assert len(rows) == 2 and all(0 < float(r["value"]) < 1 for r in rows)
+    assert capsys.readouterr().err.count("share the stem 'im0'") == 1  # scoring and CLIPIQA both looked it up
