@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defusion_jax.exported import FORMAT, MANIFEST
+from defusion_jax.exported import FORMAT, MANIFEST, is_export_dir
 
 FUNCTION_FILE = "fuse.jax"
 WEIGHTS_FILE = "weights.npz"
@@ -38,6 +38,28 @@ COLOR_RULE = {
     "mef": "RGB as is (grey inputs replicated to 3 channels)",
     "mff": "RGB as is (grey inputs replicated to 3 channels)",
 }
+
+
+EXPORT_FILES = frozenset({MANIFEST, FUNCTION_FILE, WEIGHTS_FILE})
+
+
+def check_target(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise FileExistsError unless `out_dir` may be (re)written: it does not exist, is an empty
+    folder, or (with `overwrite`) is an export folder holding nothing but an export's own files.
+    Replacing deletes the old folder, so anything else (a source tree, a file) is never touched."""
+    out_dir = Path(out_dir)
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; an export is a folder, choose a new or empty folder for --out")
+    entries = {p.name for p in out_dir.iterdir()}
+    if not entries:
+        return
+    if not is_export_dir(out_dir) or not entries <= EXPORT_FILES:
+        raise FileExistsError(f"{out_dir} exists and is not an export folder (it holds other files); "
+                              "refusing to replace it, choose a new or empty folder for --out")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} holds an export already; pass --overwrite to replace it")
 
 
 def _versions() -> dict:
@@ -75,8 +97,7 @@ def export_model(model, out_dir: str | os.PathLike, *, direction: str = "q_view2
     from defusion_jax.params_io import flatten
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    check_target(out_dir, overwrite)
     module, patch = model.module, model.module.patch
     max_side = MAX_TRACED_GRID * patch
 
@@ -164,16 +185,18 @@ def main(argv=None) -> int:
     ap.add_argument("--platforms", default=",".join(PLATFORMS), help="comma-separated: cpu,cuda,rocm,tpu (default cpu,cuda,tpu)")
     ap.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
                     help="matmul precision on accelerators (default highest: float32 like the reference)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing export folder (only one holding nothing but an export's files)")
     args = ap.parse_args(argv)
 
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
     bad = sorted(set(platforms) - {"cpu", "cuda", "rocm", "tpu"})
     if bad or not platforms:
         return _fail(f"unknown platform(s) {bad or '(none)'}; choose from cpu, cuda, rocm, tpu")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        return _fail(f"{out} exists and is not empty; pass --overwrite to replace it")
+    try:  # before the (slow) model load
+        check_target(args.out, args.overwrite)
+    except FileExistsError as e:
+        return _fail(str(e))
     try:
         from defusion_jax.api import load_model
 

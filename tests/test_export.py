@@ -134,3 +134,33 @@ def test_bad_exports_and_models(export_dir, tmp_path, capsys):
 def test_export_refuses_to_overwrite(export_dir, fixture_dir, capsys):
     rc = export_cli.main(["--model", str(fixture_dir / FIXTURE_FILE), "--out", str(export_dir)])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_export_folders(export_dir, fixture_dir, tmp_path, capsys):
+    """--overwrite deletes the old folder, so it must refuse anything that is not an export:
+    a source tree, an export folder with the user's own files in it, a file."""
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "code.py").write_text("precious = 1\n")
+    target_file = tmp_path / "model.bin"
+    target_file.write_bytes(b"precious")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(export_dir, mixed)
+    (mixed / "notes.txt").write_text("mine")
+    for out, msg in ((src, "not an export folder"), (mixed, "not an export folder"), (target_file, "is a file")):
+        for extra in ([], ["--overwrite"]):
+            rc = export_cli.main(["--model", str(fixture_dir / FIXTURE_FILE), "--out", str(out), *extra])
+            err = capsys.readouterr().err.strip()
+            assert rc == 2 and err.startswith("error: ") and msg in err and "\n" not in err, (out, extra, err)
+        with pytest.raises(FileExistsError, match=msg):
+            export_cli.check_target(out, overwrite=True)
+    assert (src / "pkg" / "code.py").read_text() == "precious = 1\n" and target_file.read_bytes() == b"precious"
+    assert (mixed / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed", "model.bin", "src"]  # no hidden leftovers
+    # what may be written: a new path, an empty folder, an export (with --overwrite only)
+    (tmp_path / "empty").mkdir()
+    for ok in (tmp_path / "new", tmp_path / "empty"):
+        export_cli.check_target(ok)
+    export_cli.check_target(export_dir, overwrite=True)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_cli.check_target(export_dir)
