@@ -2,7 +2,8 @@
 Mertens exposure fusion (OpenCV) and a focus-measure multi-focus rule.
 
 Every baseline takes the two source images as read from disk (uint8/uint16, HxW or HxWx3) and
-returns a uint8 image. When one source is grey and the other colour (IVF), the grey image is fused
+returns a uint8 image (other integers in [0,255] and floats in [0,1] are accepted too, anything
+else is a ValueError: `metrics.color.as_stored`). When one source is grey and the other colour (IVF), the grey image is fused
 with the luminance (Y of YCrCb) of the colour one and the colour's chroma is kept, the usual IVF
 practice; two colour sources are fused per channel.
 """
@@ -14,8 +15,13 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from defusion_jax.metrics.color import as_stored
+
 
 def _to01(x: np.ndarray) -> np.ndarray:
+    # The metrics' input contract (ValueError for a 0..255 float image, which would otherwise be
+    # clipped to white by _to_u8 with no word).
+    x = as_stored(x)
     if x.dtype == np.uint16:
         return x.astype(np.float32) / 65535.0
     if x.dtype == np.uint8:

@@ -104,3 +104,13 @@ def test_mff_synth_cli_errors(tmp_path, capsys):
 
     assert mff_synth.main(["--src", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_baselines_refuse_a_float_image_in_0_255():
+    """A 0..255 float array (cv2 image .astype(float)) used to be clipped to white silently."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    as_int = baselines.run_baseline("average", a.astype(np.int64), a)
+    np.testing.assert_array_equal(as_int, baselines.run_baseline("average", a, a))
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        baselines.run_baseline("average", a.astype(np.float64), a)

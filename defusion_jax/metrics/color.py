@@ -9,7 +9,7 @@ from ._filters import matlab_round
 RGB2GRAY = (0.298936021293776, 0.587043074451121, 0.114020904254103)
 
 
-def _as_stored(img: np.ndarray) -> np.ndarray:
+def as_stored(img: np.ndarray) -> np.ndarray:
     """Bring an array to the reader's contract (uint8, uint16 or float in [0,1]) or raise ValueError.
 
     Other integer dtypes are taken as 8-bit values (an int64 array of 0..255, say) and must lie in
@@ -45,7 +45,7 @@ def to_float255(img: np.ndarray) -> np.ndarray:
 
     Anything else (integers outside [0,255], floats outside [0,1], other dtypes) raises ValueError.
     """
-    img = _as_stored(img)
+    img = as_stored(img)
     if img.dtype == np.uint8:
         return img.astype(np.float64)
     if img.dtype == np.uint16:
@@ -55,7 +55,7 @@ def to_float255(img: np.ndarray) -> np.ndarray:
 
 def rgb2gray(img: np.ndarray) -> np.ndarray:
     """MATLAB `rgb2gray`, rounded to the integer class for uint8/uint16 input; returns float64 on [0,255]."""
-    img = _as_stored(img)
+    img = as_stored(img)
     if img.ndim == 2:
         return to_float255(img)
     x = img.astype(np.float64)
