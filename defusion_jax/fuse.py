@@ -216,8 +216,38 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _same(p: Path, q: Path) -> bool:
+    """One file or folder under two names (symlinks, `..`, hard links)."""
+    try:
+        return p.resolve() == q.resolve() or (p.exists() and q.exists() and p.samefile(q))
+    except OSError:
+        return False
+
+
+def _check_not_inputs(pairs: list[Pair], a: Path, b: Path, out: Path, folder_mode: bool, parts: bool) -> None:
+    """Outputs are written over existing files with --overwrite and existing outputs count as done
+    without it, so an output that is an input would destroy it or silently skip the pair."""
+    if folder_mode:
+        for name, src in (("--a", a), ("--b", b)):
+            if _same(out, src):
+                raise InputError(f"--out {out} is the {name} folder; the outputs would overwrite or be "
+                                 "mistaken for the inputs: choose another folder")
+        return
+    for pair in pairs:
+        for path in output_paths(pair.out, parts).values():
+            for name, src in (("--a", pair.a), ("--b", pair.b)):
+                if _same(path, src):
+                    raise InputError(f"output {path} is the {name} input; choose another --out")
+
+
 def _plan(args) -> tuple[list[Pair], list[tuple[str, str]], Path, bool]:
     """(pairs with their output paths, unmatched, output folder, folder mode)."""
+    pairs, unmatched, out_dir, folder_mode = _plan_paths(args)
+    _check_not_inputs(pairs, Path(args.a), Path(args.b), out_dir, folder_mode, args.save_decomposition)
+    return pairs, unmatched, out_dir, folder_mode
+
+
+def _plan_paths(args) -> tuple[list[Pair], list[tuple[str, str]], Path, bool]:
     a, b, out = Path(args.a), Path(args.b), Path(args.out)
     for p in (a, b):
         if not p.exists():

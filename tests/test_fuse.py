@@ -403,3 +403,31 @@ def test_tiled_network_output_is_seamless(shared_dir, tmp_path, runner):
     assert band.max() <= 1.25 * np.percentile(rest, 95), (band.max(), np.percentile(rest, 95))
     gx_full = np.abs(np.diff(full, axis=1)).mean(axis=(0, 2))
     assert abs(gx.mean() / gx_full.mean() - 1) < 0.15
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, capsys, folders):
+    """An output path that is an input (by name, through '..' or a symlink) is refused before
+    anything runs: with --overwrite it would replace the source, without it the pair would be
+    'already done'."""
+    a, b = folders
+    victim = a / "odd.png"
+    before = {p: p.read_bytes() for p in list(a.iterdir()) + list(b.iterdir())}
+    (tmp_path / "link").symlink_to(a)
+    r = StubRunner()
+    cases = [
+        _args(task="mef", a=victim, b=b / "odd.png", out=victim, overwrite=True),
+        _args(task="mef", a=victim, b=b / "odd.png", out=b / ".." / "B" / "odd.png", overwrite=True),
+        _args(task="mef", a=victim, b=b / "odd.png", out=a, overwrite=True),  # folder: A/odd.png
+        _args(task="mef", a=a, b=b, out=a, overwrite=True),
+        _args(task="mef", a=a, b=b, out=b),
+        _args(task="mef", a=a, b=b, out=tmp_path / "link", format="png", overwrite=True),
+    ]
+    for argv in cases:
+        err = _one_line_error(capsys, _run(argv, r))
+        assert "--a" in err or "--b" in err, err
+    # a decomposition image named like an input counts too
+    (tmp_path / "f_common.png").write_bytes(victim.read_bytes())
+    err = _one_line_error(capsys, _run(_args(task="mef", a=tmp_path / "f_common.png", b=b / "odd.png",
+                                             out=tmp_path / "f.png", save_decomposition=True, overwrite=True), r))
+    assert "f_common.png is the --a input" in err
+    assert not r.inputs and before == {p: p.read_bytes() for p in before}
