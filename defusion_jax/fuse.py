@@ -186,6 +186,10 @@ def fuse_one(runner, pair: Pair, args, max_pixels: int | None) -> list[str]:
                                 max_pixels=max_pixels, overlap=args.overlap)
     if res.tiles > 1:
         notes.append(f"{pair.name}: {res.tiles} tiles of {res.canvas[0]}x{res.canvas[1]}")
+    for k, v in {"fused": res.fused, **res.parts}.items():  # never cast NaN to black and call it done
+        if not np.isfinite(v).all():
+            raise ValueError(f"the model's {k} output has {v.size - int(np.isfinite(v).sum())} NaN or "
+                             "infinite values; nothing written")
     fused = np.clip(res.fused, 0.0, 1.0)
     if args.color:
         src = args.color

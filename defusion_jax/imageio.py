@@ -90,6 +90,10 @@ def read_image(path: str | os.PathLike) -> ImageData:
         arr = apply_orientation(arr, orientation)
         notes.append(f"EXIF orientation {orientation} applied")
     pixels, depth = _to_float(arr, path)
+    if depth == 32 and not np.isfinite(pixels).all():  # one NaN would turn the whole fused image black
+        bad = pixels.size - int(np.isfinite(pixels).sum())
+        raise ImageReadError(f"{path}: {bad} of {pixels.size} float samples are NaN or infinite; "
+                             "only finite values can be fused")
     if depth == 32 and pixels.size and (pixels.min() < 0 or pixels.max() > 1):
         notes.append(f"float values span [{pixels.min():.3g}, {pixels.max():.3g}], outside [0, 1]; kept as is")
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
@@ -281,11 +285,15 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def quantize(x: np.ndarray, bit_depth: int) -> np.ndarray:
-    """[0,1] floats -> uint8 / uint16 (clipped, rounded to nearest)."""
+    """[0,1] floats -> uint8 / uint16 (clipped, rounded to nearest); ValueError for NaN or inf."""
     if bit_depth not in (8, 16):
         raise ValueError(f"integer bit depth must be 8 or 16, got {bit_depth}")
     top = 255 if bit_depth == 8 else 65535
-    q = np.rint(np.clip(np.asarray(x, np.float32), 0.0, 1.0) * top)
+    x = np.asarray(x, np.float32)
+    if not np.isfinite(x).all():  # a cast would turn NaN into 0 (black) with only a RuntimeWarning
+        raise ValueError(f"cannot write {x.size - int(np.isfinite(x).sum())} NaN or infinite sample(s) "
+                         f"as {bit_depth}-bit integers")
+    q = np.rint(np.clip(x, 0.0, 1.0) * top)
     return q.astype(np.uint8 if bit_depth == 8 else np.uint16)
 
 

@@ -431,3 +431,27 @@ def test_outputs_never_overwrite_inputs(tmp_path, capsys, folders):
                                              out=tmp_path / "f.png", save_decomposition=True, overwrite=True), r))
     assert "f_common.png is the --a input" in err
     assert not r.inputs and before == {p: p.read_bytes() for p in before}
+
+
+def test_nan_in_a_float_input_or_output_fails_clearly(tmp_path, capsys):
+    import warnings
+
+    a = RNG.random((20, 24, 3)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", a, photometric="rgb")
+    a[5, 5, 0] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", a, photometric="rgb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning leaks out either
+        err = _one_line_error(capsys, _run(_args(task="mef", a=tmp_path / "nan.tif", b=tmp_path / "a.tif",
+                                                 out=tmp_path / "o.png"), StubRunner()))
+        assert "nan.tif" in err and "NaN or infinite" in err and not (tmp_path / "o.png").exists()
+
+        class NaNRunner(StubRunner):
+            def __call__(self, a, b, parts=False):
+                out = super().__call__(a, b, parts)
+                out["fused"][..., 20, 20, :] = np.nan  # inside the image, not the border
+                return out
+
+        err = _one_line_error(capsys, _run(_args(task="mef", a=tmp_path / "a.tif", b=tmp_path / "a.tif",
+                                                 out=tmp_path / "o.png"), NaNRunner()))
+        assert "fused output has 3 NaN" in err and not (tmp_path / "o.png").exists()

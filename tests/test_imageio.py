@@ -171,3 +171,24 @@ def test_output_permissions_follow_umask(tmp_path):
     path = write_image(tmp_path / "p.png", np.zeros((2, 2), np.float32))
     mask = imageio._umask()
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_non_finite_floats_are_read_errors_and_never_quantized(tmp_path):
+    x = RNG.random((6, 5, 3)).astype(np.float32)
+    for bad, name in ((np.nan, "nan.tif"), (np.inf, "inf.npy"), (-np.inf, "ninf.tiff")):
+        y = x.copy()
+        y[2, 3, 1] = bad
+        tifffile.imwrite(tmp_path / name, y, photometric="rgb") if name.endswith(("tif", "tiff")) \
+            else np.save(tmp_path / name, y)
+        with pytest.raises(ImageReadError) as e:
+            read_image(tmp_path / name)
+        msg = str(e.value)
+        assert name in msg and "1 of 90 float samples are NaN or infinite" in msg and "\n" not in msg
+    y = x.copy()
+    y[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        imageio.quantize(y, 8)  # the cast used to make it 0 (black) with a RuntimeWarning
+    with pytest.raises(ValueError, match="NaN"):
+        write_image(tmp_path / "o.png", y, 16)
+    assert not (tmp_path / "o.png").exists()
+    np.testing.assert_array_equal(imageio.quantize(np.float32([-0.5, 0.5, 2.0]), 8), [0, 128, 255])
