@@ -5,8 +5,11 @@
     parts = m.decompose(a, b)                    # or a training workdir
     parts["fused"], parts["common"], parts["unique1"], parts["unique2"]
 
-Inputs are NHWC float arrays in [0,1], batch first, with height and width multiples of 16 (no
-padding happens here; `fuse_image` pads like the official test script).
+Inputs are NHWC arrays, batch first, with height and width multiples of 16 (no padding happens
+here; `fuse_image` takes one HxWxC image of any size and pads like the official test script).
+Floats must lie in [0, 1] (NaN, inf or more than 1e-3 outside is a ValueError naming the range
+seen); uint8 is divided by 255 and uint16 by 65535, so `np.asarray(Image.open(path))` works as
+is; other integer types and bool are a TypeError (`defusion_jax.exported.as_unit_float`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defusion_jax import paths
+from defusion_jax.exported import as_unit_float, nchw_hint
 from defusion_jax.models.defusion import DIRECTIONS, build_model
 from defusion_jax.params_io import CheckpointError, is_params_dir, load_params
 
@@ -42,14 +46,14 @@ class FusionModel:
 
     # -- checks -------------------------------------------------------------------------------
     def _pair(self, a, b):
-        a = jnp.asarray(a, jnp.float32)
-        b = jnp.asarray(b, jnp.float32)
+        a = jnp.asarray(as_unit_float(a, "a"))
+        b = jnp.asarray(as_unit_float(b, "b"))
         if a.ndim != 4 or b.ndim != 4:
-            raise ValueError(f"expected NHWC batches, got shapes {a.shape} and {b.shape}")
+            raise ValueError(f"expected NHWC batches, got shapes {a.shape} and {b.shape}{nchw_hint(a.shape)}")
         if a.shape != b.shape:
             raise ValueError(f"the two inputs differ in shape: {a.shape} vs {b.shape}")
         if a.shape[-1] != 3:
-            raise ValueError(f"expected 3 channels (RGB; replicate grey images), got {a.shape[-1]}")
+            raise ValueError(f"expected 3 channels (RGB; replicate grey images), got {a.shape[-1]}{nchw_hint(a.shape)}")
         p = self.module.patch
         if a.shape[1] % p or a.shape[2] % p:
             raise ValueError(f"height and width must be multiples of {p}, got {a.shape[1]}x{a.shape[2]}; "

@@ -4,6 +4,10 @@
     f = load("defusionpp_export/")
     fused = f(a, b)     # NHWC float32 in [0,1], H and W multiples of 16 -> NHWC float32
 
+Inputs: floats in [0, 1] (NaN, inf or values outside [0, 1] by more than 1e-3 are a ValueError),
+or uint8 / uint16, divided by 255 / 65535; other integer types and bool are a TypeError
+(`as_unit_float`, the same rule as `defusion_jax.api.FusionModel`).
+
 This module imports only the standard library, numpy and jax: it works where the rest of
 defusion_jax (and flax) is not installed. Copy it anywhere and `import exported`.
 
@@ -34,8 +38,59 @@ FORMAT = "defusion_jax.exported/1"
 MANIFEST = "manifest.json"
 
 
+RANGE_TOLERANCE = 1e-3  # float inputs may stray this far outside [0, 1] (rounding), no further
+
+
 class ExportedModelError(ValueError):
     """An export folder that cannot be used; the message says why in one line."""
+
+
+def _is_float(dtype) -> bool:
+    return dtype.kind == "f" or dtype.name == "bfloat16" or dtype.name.startswith("float8")
+
+
+def as_unit_float(x, name: str = "image"):
+    """`x` as float32 in [0, 1]: the input rule of `ExportedFusion`, `FusionModel` and
+    `inference.fuse_arrays` (defined here because this module must run without the package).
+
+    uint8 is divided by 255 and uint16 by 65535 (what `np.asarray(Image.open(...))` gives);
+    other integer types and bool raise TypeError (their scale is a guess); floats with NaN or
+    inf, or outside [0, 1] by more than `RANGE_TOLERANCE`, raise ValueError. A jax array stays
+    one (on its device); inside a jit trace only the dtype can be checked.
+    """
+    import sys
+
+    jax = sys.modules.get("jax")  # only a jax array needs jax; do not import it for numpy input
+    on_device = jax is not None and isinstance(x, jax.Array)
+    if not on_device and not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    dtype = np.dtype(x.dtype)
+    xp = np
+    if on_device:
+        import jax.numpy as xp
+    if dtype in (np.uint8, np.uint16):
+        return x.astype(xp.float32) / xp.float32(255 if dtype == np.uint8 else 65535)
+    if not _is_float(dtype):
+        raise TypeError(f"{name}: {dtype} samples are not supported (their scale is ambiguous); pass floats "
+                        "in [0, 1], uint8 (divided by 255) or uint16 (divided by 65535)")
+    x = x.astype(xp.float32)
+    if (on_device and isinstance(x, jax.core.Tracer)) or x.size == 0:
+        return x
+    finite, lo, hi = (np.asarray(v).item() for v in (xp.isfinite(x).all(), x.min(), x.max()))
+    if not finite:
+        bad = int(x.size - np.asarray(xp.isfinite(x).sum()).item())
+        raise ValueError(f"{name}: {bad} of {x.size} values are NaN or infinite")
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        hint = " (8-bit data as floats? divide by 255; 16-bit: by 65535)" if hi > 10 else ""
+        raise ValueError(f"{name}: values span [{lo:.4g}, {hi:.4g}], expected floats in [0, 1]{hint}")
+    return x
+
+
+def nchw_hint(shape) -> str:
+    """A hint for the most common layout mistake, or ''."""
+    if len(shape) == 4 and shape[-1] != 3 and shape[1] in (1, 3):
+        return f"; {tuple(shape)} looks like NCHW: pass x.transpose(0, 2, 3, 1)"
+    return ""
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
@@ -132,14 +187,13 @@ class ExportedFusion:
         return f"ExportedFusion({str(self.directory)!r}, platforms={self.exported.platforms})"
 
     def __call__(self, a, b):
-        """Fused image (raw prediction) of two NHWC float32 batches in [0,1], H, W multiples of 16."""
-        import jax.numpy as jnp
-
-        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        """Fused image (raw prediction) of two NHWC batches in [0,1], H, W multiples of 16
+        (float, or uint8 / uint16 scaled by 255 / 65535: `as_unit_float`)."""
+        a, b = as_unit_float(a, "a"), as_unit_float(b, "b")
         if a.ndim != 4 or a.shape != b.shape:
-            raise ValueError(f"expected two NHWC batches of one shape, got {a.shape} and {b.shape}")
+            raise ValueError(f"expected two NHWC batches of one shape, got {a.shape} and {b.shape}{nchw_hint(a.shape)}")
         if a.shape[-1] != 3:
-            raise ValueError(f"expected 3 channels (RGB; replicate grey images), got {a.shape[-1]}")
+            raise ValueError(f"expected 3 channels (RGB; replicate grey images), got {a.shape[-1]}{nchw_hint(a.shape)}")
         h, w = a.shape[1], a.shape[2]
         if h % self.patch or w % self.patch or h == 0 or w == 0:
             raise ValueError(f"height and width must be positive multiples of {self.patch}, got {h}x{w}; "

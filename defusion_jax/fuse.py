@@ -25,7 +25,7 @@ if __name__ == "__main__":  # before jax is imported: the command restarts under
 
 import numpy as np  # noqa: E402
 
-from defusion_jax import imageio, inference, paths  # noqa: E402
+from defusion_jax import exported, imageio, inference, paths  # noqa: E402
 
 FORMATS = ("png", "tif", "jpg", "bmp", "npy")
 
@@ -104,8 +104,6 @@ def load_runner(path: str, direction: str = "q_view2", precision: str = "highest
     if not remote and not p.exists():
         raise InputError(f"model not found: {path}")
     try:
-        from defusion_jax import exported
-
         if not remote and p.is_dir() and exported.is_export_dir(p):
             return inference.ExportedRunner(exported.load(p))
         from defusion_jax.api import load_model
@@ -177,6 +175,11 @@ def fuse_one(runner, pair: Pair, args, max_pixels: int | None) -> list[str]:
         ia, ib = imageio.read_image(pair.a), imageio.read_image(pair.b)
     except imageio.ImageReadError as e:
         raise InputError(str(e)) from None
+    for p, im in ((pair.a, ia), (pair.b, ib)):  # float files may hold any range; the network takes [0, 1]
+        try:
+            exported.as_unit_float(im.pixels, str(p))
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if ia.size != ib.size:
         raise InputError(f"size mismatch: {pair.a} is {ia.size[0]}x{ia.size[1]} but {pair.b} is "
                          f"{ib.size[0]}x{ib.size[1]} (HxW); the two images of a pair must be the same size")

@@ -72,15 +72,23 @@ def pad_image(x: np.ndarray, pads) -> np.ndarray:
 
 # ---- colour ----------------------------------------------------------------------------------
 def to_model_input(x: np.ndarray, task: str) -> np.ndarray:
-    """HxW or HxWxC float image -> HxWx3 as the official loaders feed it.
+    """HxW or HxWxC image -> HxWx3 float32 as the official loaders feed it.
 
+    Values: floats in [0, 1], or uint8 / uint16 (divided by 255 / 65535); anything else raises
+    (`exported.as_unit_float`, the rule of the API and the exported function).
     IVF: grey in 3 channels (`convert('L').convert('RGB')`); MEF/MFF: RGB as is (grey replicated).
     """
+    from defusion_jax.exported import as_unit_float
+
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    x = np.asarray(x, np.float32)
+    x = np.asarray(as_unit_float(np.asarray(x)), np.float32)
     if x.ndim == 2:
         x = x[..., None]
+    if x.ndim != 3 or not 1 <= x.shape[-1] <= 4:
+        hint = (f"; {x.shape} looks like CxHxW: pass x.transpose(1, 2, 0)"
+                if x.ndim == 3 and x.shape[0] in (1, 3) else "")
+        raise ValueError(f"expected one HxW or HxWxC image with C in 1-4, got shape {x.shape}{hint}")
     if x.shape[-1] in (2, 4):
         x = x[..., :-1]
     if task == "ivf" and x.shape[-1] == 3:

@@ -164,3 +164,16 @@ def test_overwrite_replaces_only_export_folders(export_dir, fixture_dir, tmp_pat
     export_cli.check_target(export_dir, overwrite=True)
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_cli.check_target(export_dir)
+
+
+def test_exported_function_checks_dtype_range_and_layout(export_dir):
+    f = exported.load(export_dir)
+    u8 = np.random.default_rng(3).integers(0, 256, (2, 1, 32, 32, 3), dtype=np.uint8)
+    as_float = np.asarray(f(u8[0] / np.float32(255), u8[1] / np.float32(255)))
+    np.testing.assert_array_equal(np.asarray(f(u8[0], u8[1])), as_float)
+    with pytest.raises(ValueError, match=r"a: values span \[0, 255\]"):
+        f(u8[0].astype(np.float32), u8[1])
+    with pytest.raises(TypeError, match="int32"):
+        f(u8[0].astype(np.int32), u8[1].astype(np.int32))
+    with pytest.raises(ValueError, match="looks like NCHW"):
+        f(u8[0].transpose(0, 3, 1, 2), u8[1].transpose(0, 3, 1, 2))

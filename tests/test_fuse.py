@@ -455,3 +455,71 @@ def test_nan_in_a_float_input_or_output_fails_clearly(tmp_path, capsys):
         err = _one_line_error(capsys, _run(_args(task="mef", a=tmp_path / "a.tif", b=tmp_path / "a.tif",
                                                  out=tmp_path / "o.png"), NaNRunner()))
         assert "fused output has 3 NaN" in err and not (tmp_path / "o.png").exists()
+
+
+# ---- the input rule shared by the API, fuse_arrays and the exported function ------------------
+def test_as_unit_float_scales_8_and_16_bit_and_rejects_the_rest():
+    import jax.numpy as jnp
+
+    from defusion_jax.exported import as_unit_float
+
+    u8 = np.array([[0, 128, 255]], np.uint8)
+    np.testing.assert_array_equal(as_unit_float(u8), np.float32([[0, 128, 255]]) / np.float32(255))
+    np.testing.assert_array_equal(as_unit_float(np.array([65535], np.uint16)), [1.0])
+    edge = np.float32([-5e-4, 1.0005])  # rounding noise is accepted as is
+    np.testing.assert_array_equal(as_unit_float(edge), edge)
+    on_device = as_unit_float(jnp.asarray(u8))
+    assert isinstance(on_device, type(jnp.zeros(1))) and on_device.dtype == jnp.float32
+    for bad in (np.array([1], np.int64), np.array([1], np.int32), np.array([True]), np.array([1], np.uint32)):
+        with pytest.raises(TypeError, match=f"{bad.dtype} samples"):
+            as_unit_float(bad)
+    with pytest.raises(ValueError, match=r"a: values span \[0, 255\], expected floats in \[0, 1\].*divide by 255"):
+        as_unit_float(np.float32([0, 17, 255]), "a")
+    with pytest.raises(ValueError, match=r"span \[-0.01, 1\]"):
+        as_unit_float(jnp.float32([-0.01, 1.0]))
+    with pytest.raises(ValueError, match="1 of 3 values are NaN"):
+        as_unit_float(np.float32([0, np.nan, 1]))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import jax
+
+    from defusion_jax.api import FusionModel
+    from defusion_jax.models.defusion import build_model, init_params
+
+    cfg = {"vit": dict(width=32, depth=1, heads=2, mlp_dim=64), "dim": 32, "heads": 2}
+    return FusionModel(init_params(build_model(cfg), jax.random.key(0), (32, 32)), cfg)
+
+
+def test_api_accepts_8_and_16_bit_arrays_and_rejects_wrong_scales(tiny_model):
+    m = tiny_model
+    u8 = RNG.integers(0, 256, (2, 20, 27, 3), dtype=np.uint8)  # np.asarray(Image.open(...)) of a pair
+    want = m.fuse_image(u8[0] / np.float32(255), u8[1] / np.float32(255), "ivf")
+    np.testing.assert_array_equal(m.fuse_image(u8[0], u8[1], "ivf"), want)
+    u16 = u8.astype(np.uint16) * 257
+    np.testing.assert_allclose(m.fuse_image(u16[0], u16[1], "mef"),
+                               m.fuse_image(u8[0] / np.float32(255), u8[1] / np.float32(255), "mef"), atol=1e-6)
+    with pytest.raises(ValueError, match=r"values span \[0, 255\]"):
+        m.fuse_image(u8[0].astype(np.float32), u8[1].astype(np.float32), "mef")
+    with pytest.raises(TypeError, match="int64"):
+        m.fuse_image(u8[0].astype(np.int64), u8[1].astype(np.int64), "mef")
+    x = RNG.random((1, 32, 48, 3)).astype(np.float32)
+    x[0, 0, 0] = 0.0, 0.5, 1.0
+    with pytest.raises(ValueError, match=r"span \[0, 2\], expected floats in \[0, 1\]$"):
+        m.decompose(2 * x, x)
+    with pytest.raises(ValueError, match="NaN"):
+        m.fuse(x * np.nan, x)
+    with pytest.raises(ValueError, match=r"looks like NCHW: pass x.transpose\(0, 2, 3, 1\)"):
+        m.fuse(x.transpose(0, 3, 1, 2), x.transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"looks like CxHxW: pass x.transpose\(1, 2, 0\)"):
+        m.fuse_image(x[0].transpose(2, 0, 1), x[0].transpose(2, 0, 1), "mef")
+
+
+def test_cli_refuses_float_files_outside_0_1(tmp_path, capsys):
+    x = RNG.random((20, 24, 3)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", x * 255)
+    err = _one_line_error(capsys, _run(_args(task="mef", a=tmp_path / "a.npy", b=tmp_path / "b.npy",
+                                             out=tmp_path / "o.npy"), StubRunner()))
+    assert "b.npy: values span [" in err and "expected floats in [0, 1]" in err
