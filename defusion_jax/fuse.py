@@ -12,8 +12,11 @@ run leaves only complete files and a rerun continues where it stopped. See docs/
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-decomposition", action="store_true",
                     help="also write the common and unique images and their heat-map overlays")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
-    ap.add_argument("--direction", default="q_view2", choices=("q_view2", "q_view1"),
-                    help="common-feature direction (checkpoints only; default q_view2)")
+    ap.add_argument("--direction", choices=("q_view2", "q_view1"),
+                    help="common-feature direction (default q_view2; an export folder has its own baked in, "
+                         "and a different value is an error)")
     ap.add_argument("--bucket", type=int, default=0, metavar="N",
                     help="pad each canvas further up to a multiple of N (e.g. 64, 128) so mixed sizes share "
                          "compiled functions; changes the output slightly (docs/fusion.md); default 0 = exact")
@@ -90,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-pixels", type=int, metavar="N", help="largest canvas (pixels) one pass may take")
     ap.add_argument("--overlap", type=int, default=inference.DEFAULT_OVERLAP,
                     help=f"tile overlap in pixels (default {inference.DEFAULT_OVERLAP})")
-    ap.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
-                    help="matmul precision on accelerators (default highest)")
+    ap.add_argument("--precision", choices=("highest", "high", "default"),
+                    help="matmul precision on accelerators (default highest: float32; an export folder has "
+                         "its own baked in, and a different value is an error)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     return ap
 
@@ -281,6 +286,41 @@ def _plan_paths(args) -> tuple[list[Pair], list[tuple[str, str]], Path, bool]:
     return [Pair(a.stem, a, b, out / f"{a.stem}.{args.format or _default_format(a)}")], [], out, False
 
 
+NO_PARTS = "--save-decomposition needs a checkpoint; an exported function gives the fused image only"
+
+
+def _check_export_options(args) -> None:
+    """An export folder has its direction and precision baked in, and no decomposition: options
+    that ask for something else are errors, not silently ignored."""
+    model = Path(args.model)
+    if paths.is_url(args.model) or not model.is_dir() or not exported.is_export_dir(model):
+        return
+    if args.save_decomposition:
+        raise InputError(NO_PARTS)
+    try:
+        manifest = json.loads((model / exported.MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load model {model}: unreadable manifest ({e})") from None
+    for opt, key, given in (("--direction", "direction", args.direction),
+                            ("--precision", "matmul_precision", args.precision)):
+        baked = manifest.get(key)
+        if given is not None and baked is not None and given != baked:
+            raise InputError(f"{opt} {given}: the export {model} was made with {key} {baked}, which is fixed "
+                             f"in it; drop {opt} or re-export with it")
+
+
+def _probe_output_folder(out_dir: Path) -> None:
+    """Create the output folder and write (and delete) a file there, so an unwritable folder is
+    reported once, before any pair is computed."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe{imageio.TEMP_MARK}", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"cannot write to output folder {out_dir}: {e.strerror or type(e).__name__}") from None
+
+
 def run(args, runner=None) -> int:
     """The CLI body; `runner` (an inference runner) replaces --model when given (tests, notebooks)."""
     if args.bucket < 0 or args.bucket % 16:
@@ -293,6 +333,11 @@ def run(args, runner=None) -> int:
         pairs, unmatched, out_dir, folder_mode = _plan(args)
     except InputError as e:
         return _fail(str(e))
+    try:  # everything that can fail without the model fails before it loads
+        _check_export_options(args)
+        _probe_output_folder(out_dir)
+    except InputError as e:
+        return _fail(str(e))
     summary = Summary()
     todo = []
     for pair in pairs:
@@ -303,21 +348,17 @@ def run(args, runner=None) -> int:
             todo.append(pair)
     if runner is None and todo:  # a rerun with nothing left to do does not load the model
         try:
-            runner = load_runner(args.model, args.direction, args.precision)
+            runner = load_runner(args.model, args.direction or "q_view2", args.precision or "highest")
         except InputError as e:
             return _fail(str(e))
     if runner is not None and args.save_decomposition and not runner.has_parts:
-        return _fail("--save-decomposition needs a checkpoint; an exported function gives the fused image only")
+        return _fail(NO_PARTS)
     patch = runner.patch if runner is not None else 16
     if args.max_pixels is not None:
         max_pixels = args.max_pixels
     else:
         limit = args.memory_limit or inference.default_memory_limit()
         max_pixels = inference.max_pixels_for(limit, args.save_decomposition, patch)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return _fail(f"cannot create output folder {out_dir}: {e}")
     imageio.remove_stale_temporaries(out_dir)
 
     from tqdm import tqdm

@@ -177,3 +177,23 @@ def test_exported_function_checks_dtype_range_and_layout(export_dir):
         f(u8[0].astype(np.int32), u8[1].astype(np.int32))
     with pytest.raises(ValueError, match="looks like NCHW"):
         f(u8[0].transpose(0, 3, 1, 2), u8[1].transpose(0, 3, 1, 2))
+
+
+def test_fuse_options_an_export_cannot_honour_fail_before_loading(export_dir, tmp_path, capsys, monkeypatch):
+    img = tmp_path / "x.png"
+    Image.new("RGB", (20, 20)).save(img)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(fuse, "load_runner", no_load)
+    base = ["--model", str(export_dir), "--task", "mff", "--a", str(img), "--b", str(img), "--out", str(tmp_path / "o.png")]
+    for extra, msg in ((["--save-decomposition"], "needs a checkpoint"),
+                       (["--direction", "q_view1"], f"--direction q_view1: the export {export_dir} was made with direction q_view2"),
+                       (["--precision", "high"], "made with matmul_precision highest")):
+        rc = fuse.main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and msg in err and "\n" not in err, err
+    args = fuse.build_parser().parse_args(base + ["--direction", "q_view2", "--precision", "highest"])
+    fuse._check_export_options(args)  # the baked values themselves are fine
+    assert not (tmp_path / "o.png").exists()

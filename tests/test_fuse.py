@@ -5,8 +5,10 @@ Most CLI behaviour runs with `StubRunner` (pixel-wise mean, no compile); the off
 that they share one compiled function.
 """
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -523,3 +525,24 @@ def test_cli_refuses_float_files_outside_0_1(tmp_path, capsys):
     err = _one_line_error(capsys, _run(_args(task="mef", a=tmp_path / "a.npy", b=tmp_path / "b.npy",
                                              out=tmp_path / "o.npy"), StubRunner()))
     assert "b.npy: values span [" in err and "expected floats in [0, 1]" in err
+
+
+def test_unwritable_output_folder_fails_before_any_pair_runs(tmp_path, capsys, folders):
+    import tempfile
+
+    a, b = folders
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file" / "sub", "Not a directory")]
+    try:  # /sys refuses new files even to root (where chmod would not)
+        fd, probe = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        cases.append((Path("/sys"), "Permission denied"))
+    else:
+        os.close(fd), os.unlink(probe)
+    for out, why in cases:
+        for argv in (_args(task="mef", a=a / "odd.png", b=b / "odd.png", out=out / "o.png"),
+                     _args(task="mef", a=a, b=b, out=out)):
+            r = StubRunner()
+            err = _one_line_error(capsys, _run(argv, r))
+            assert err == f"error: cannot write to output folder {out}: {why}", err
+            assert not r.inputs  # found before computing anything
