@@ -173,8 +173,9 @@ def _depth_for(path: Path, want: int) -> tuple[int, str | None]:
     return got, f"{path.suffix} holds {'/'.join(map(str, ok))}-bit samples: writing {got}-bit instead of {want}-bit"
 
 
-def fuse_one(runner, pair: Pair, args, max_pixels: int | None) -> list[str]:
-    """Fuse one pair and write its outputs; returns notes. Raises InputError for bad input."""
+def fuse_one(runner, pair: Pair, args, max_pixels: int | None, say=None) -> list[str]:
+    """Fuse one pair and write its outputs; returns notes (`say` prints the tile plan as soon as
+    it is made). Raises InputError for bad input."""
     fused_path = pair.out
     try:
         ia, ib = imageio.read_image(pair.a), imageio.read_image(pair.b)
@@ -190,10 +191,17 @@ def fuse_one(runner, pair: Pair, args, max_pixels: int | None) -> list[str]:
                          f"{ib.size[0]}x{ib.size[1]} (HxW); the two images of a pair must be the same size")
     notes = [f"{p.name}: {n}" for p, im in ((pair.a, ia), (pair.b, ib)) for n in im.notes]
     parts = args.save_decomposition
+
+    def tile_bar(plan):  # a tile of the official network can take minutes on a CPU: say what runs
+        from tqdm import tqdm
+
+        if say is not None:
+            say(f"note: {pair.name}: {plan.count} tiles of {plan.tile[0]}x{plan.tile[1]}")
+        return tqdm(total=plan.count, desc=f"{pair.name}: tiles", unit="tile", disable=args.quiet,
+                    leave=False, file=sys.stderr, dynamic_ncols=True)
+
     res = inference.fuse_arrays(runner, ia.pixels, ib.pixels, args.task, parts=parts, bucket=args.bucket,
-                                max_pixels=max_pixels, overlap=args.overlap)
-    if res.tiles > 1:
-        notes.append(f"{pair.name}: {res.tiles} tiles of {res.canvas[0]}x{res.canvas[1]}")
+                                max_pixels=max_pixels, overlap=args.overlap, progress=tile_bar)
     for k, v in {"fused": res.fused, **res.parts}.items():  # never cast NaN to black and call it done
         if not np.isfinite(v).all():
             raise ValueError(f"the model's {k} output has {v.size - int(np.isfinite(v).sum())} NaN or "
@@ -371,7 +379,7 @@ def run(args, runner=None) -> int:
         for pair in bar:
             bar.set_postfix_str(pair.name, refresh=False)
             try:
-                for note in fuse_one(runner, pair, args, max_pixels):
+                for note in fuse_one(runner, pair, args, max_pixels, say):
                     say(f"note: {note}")
                 summary.fused += 1
             except InputError as e:

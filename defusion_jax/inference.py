@@ -26,7 +26,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -370,11 +370,14 @@ class FusionResult:
 
 
 def fuse_arrays(runner, a: np.ndarray, b: np.ndarray, task: str = "ivf", *, parts: bool = False,
-                bucket: int = 0, max_pixels: int | None = None, overlap: int = DEFAULT_OVERLAP) -> FusionResult:
+                bucket: int = 0, max_pixels: int | None = None, overlap: int = DEFAULT_OVERLAP,
+                progress: Callable[[TilePlan], Any] | None = None) -> FusionResult:
     """One pair of same-size images in [0,1] (HxW, HxWx1, HxWx3 or HxWx4) -> `FusionResult`.
 
     Canvases (image + reflect border, up to a multiple of 16) above `max_pixels` are tiled;
-    otherwise one pass, on a canvas padded up to `bucket` when given.
+    otherwise one pass, on a canvas padded up to `bucket` when given. When tiling, `progress` is
+    called with the plan before the first tile and returns a bar (e.g. a `tqdm`): its `update(1)`
+    runs after each tile and its `close()` at the end.
     """
     a, b = to_model_input(a, task), to_model_input(b, task)
     if a.shape != b.shape:
@@ -389,7 +392,12 @@ def fuse_arrays(runner, a: np.ndarray, b: np.ndarray, task: str = "ivf", *, part
     hc, wc = h + sum(pads[0]), w + sum(pads[1])
     if max_pixels is not None and hc * wc > max_pixels:
         plan = plan_tiles(hc, wc, max_pixels, overlap, p)
-        out = run_tiled(run, pad_image(a, pads), pad_image(b, pads), plan)
+        bar = progress(plan) if progress else None
+        try:
+            out = run_tiled(run, pad_image(a, pads), pad_image(b, pads), plan, bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
         canvas, tiles = plan.tile, plan.count
     else:
         if bucket:

@@ -546,3 +546,38 @@ def test_unwritable_output_folder_fails_before_any_pair_runs(tmp_path, capsys, f
             err = _one_line_error(capsys, _run(argv, r))
             assert err == f"error: cannot write to output folder {out}: {why}", err
             assert not r.inputs  # found before computing anything
+
+
+def test_tiles_show_their_plan_first_and_a_progress_bar(tmp_path, capsys):
+    a = _img((100, 150, 3))
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(a[::-1]).save(tmp_path / "b.png")
+    plans, updates = [], []
+
+    class Bar:
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            updates.append("closed")
+
+    res = fuse_arrays(StubRunner(), a / np.float32(255), a / np.float32(255), "mef", max_pixels=96 * 96,
+                      overlap=32, progress=lambda plan: plans.append(plan) or Bar())
+    assert res.tiles == plans[0].count > 1 and updates == [1] * res.tiles + ["closed"]
+
+    class Peek(StubRunner):  # what stderr held when the first tile started
+        def __call__(self, *args, **kw):
+            if not self.inputs:
+                self.before = capsys.readouterr().err
+            return super().__call__(*args, **kw)
+
+    r = Peek()
+    assert _run(_args(task="mef", a=tmp_path / "a.png", b=tmp_path / "b.png", out=tmp_path / "o.png",
+                      max_pixels=96 * 96, overlap=32), r) == 0
+    n = len(r.inputs)
+    assert n == res.tiles and f"note: o: {n} tiles of 96x96" in r.before
+    after = capsys.readouterr().err
+    assert f"o: tiles:   0%" in r.before + after and f"0/{n} " in r.before + after  # tqdm over the tiles
+    assert _run(_args(task="mef", a=tmp_path / "a.png", b=tmp_path / "b.png", out=tmp_path / "q.png",
+                      max_pixels=96 * 96, overlap=32, quiet=True), StubRunner()) == 0
+    assert capsys.readouterr().err == ""
