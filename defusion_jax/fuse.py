@@ -120,13 +120,14 @@ def load_runner(path: str, direction: str = "q_view2", precision: str = "highest
 
 
 # ---- pairs -----------------------------------------------------------------------------------
-def _images_by_stem(folder: Path) -> tuple[dict[str, Path], list[str]]:
+def _images_by_stem(folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """{stem: file} for stems with one image, {stem: 'stem (x.png, x.jpg)'} for the others."""
     by_stem: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and imageio.is_image_file(p):
             by_stem.setdefault(p.stem, []).append(p)
     unique = {s: ps[0] for s, ps in by_stem.items() if len(ps) == 1}
-    dup = [f"{s} ({', '.join(p.name for p in ps)})" for s, ps in by_stem.items() if len(ps) > 1]
+    dup = {s: f"{s} ({', '.join(p.name for p in ps)})" for s, ps in by_stem.items() if len(ps) > 1}
     return unique, dup
 
 
@@ -139,10 +140,11 @@ def match_folders(a: Path, b: Path) -> tuple[list[Pair], list[tuple[str, str]]]:
     ia, dup_a = _images_by_stem(a)
     ib, dup_b = _images_by_stem(b)
     pairs = [Pair(s, ia[s], ib[s]) for s in sorted(set(ia) & set(ib))]
-    unmatched = [(s, f"only in {a}") for s in sorted(set(ia) - set(ib))]
-    unmatched += [(s, f"only in {b}") for s in sorted(set(ib) - set(ia))]
-    unmatched += [(d, f"several files with this stem in {a}") for d in dup_a]
-    unmatched += [(d, f"several files with this stem in {b}") for d in dup_b]
+    # a stem that is ambiguous in one folder is listed as that, not also as "only in" the other
+    unmatched = [(s, f"only in {a}") for s in sorted(set(ia) - set(ib) - set(dup_b))]
+    unmatched += [(s, f"only in {b}") for s in sorted(set(ib) - set(ia) - set(dup_a))]
+    unmatched += [(d, f"several files with this stem in {a}") for d in dup_a.values()]
+    unmatched += [(d, f"several files with this stem in {b}") for d in dup_b.values()]
     if not pairs:
         raise InputError(f"no file stem in {a} matches one in {b} (e.g. {a}/NAME.png with {b}/NAME.jpg)")
     return pairs, unmatched

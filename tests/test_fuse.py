@@ -581,3 +581,15 @@ def test_tiles_show_their_plan_first_and_a_progress_bar(tmp_path, capsys):
     assert _run(_args(task="mef", a=tmp_path / "a.png", b=tmp_path / "b.png", out=tmp_path / "q.png",
                       max_pixels=96 * 96, overlap=32, quiet=True), StubRunner()) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_ambiguous_stems_are_listed_once(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir(), b.mkdir()
+    for folder, names in ((a, ["x.png", "y.png", "y.jpg", "z.png", "k.png"]), (b, ["x.png", "y.png", "z.png", "z.tif"])):
+        for n in names:
+            (folder / n).write_bytes(b"")
+    pairs, unmatched = fuse.match_folders(a, b)
+    assert [p.name for p in pairs] == ["x"]
+    assert sorted(unmatched) == sorted([("k", f"only in {a}"), ("y (y.jpg, y.png)", f"several files with this stem in {a}"),
+                                        ("z (z.png, z.tif)", f"several files with this stem in {b}")])
