@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from defusion_jax import exported, imageio, inference, paths  # noqa: E402
 
 FORMATS = ("png", "tif", "jpg", "bmp", "npy")
+FORMAT_ALIASES = {"tiff": "tif", "jpeg": "jpg"}  # one format, two suffixes
 
 
 class InputError(ValueError):
@@ -62,6 +63,21 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+def _canonical_format(fmt: str) -> str:
+    fmt = fmt.lower().lstrip(".")
+    return FORMAT_ALIASES.get(fmt, fmt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m defusion_jax.fuse", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--color", nargs="?", const="auto", choices=("auto", "a", "b"),
                     help="IVF only: colour output, Y from the fused image and CbCr from the visible image "
                          "(auto: the more colourful input; default: grey output as the official protocol)")
-    ap.add_argument("--format", choices=FORMATS, help="output format in folder mode (default: png; "
+    ap.add_argument("--format", choices=FORMATS + tuple(FORMAT_ALIASES), help="output format in folder mode (default: png; "
                                                       "tif for TIFF inputs; npy for .npy inputs)")
     ap.add_argument("--bit-depth", default="keep", choices=("keep", "8", "16", "32"),
                     help="output sample depth (default keep: that of the deeper input; 32 = float)")
@@ -91,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--memory-limit", type=parse_size, metavar="SIZE",
                      help="memory one pass may use, e.g. 4G; larger images are tiled (default: 80%% of "
                           "accelerator memory, or half the RAM on CPU)")
-    lim.add_argument("--max-pixels", type=int, metavar="N", help="largest canvas (pixels) one pass may take")
+    lim.add_argument("--max-pixels", type=positive_int, metavar="N", help="largest canvas (pixels) one pass may take")
     ap.add_argument("--overlap", type=int, default=inference.DEFAULT_OVERLAP,
                     help=f"tile overlap in pixels (default {inference.DEFAULT_OVERLAP})")
     ap.add_argument("--precision", choices=("highest", "high", "default"),
@@ -287,11 +303,13 @@ def _plan_paths(args) -> tuple[list[Pair], list[tuple[str, str]], Path, bool]:
     for p in (a, b):
         if not imageio.is_image_file(p):
             raise InputError(f"{p}: unsupported file type {p.suffix!r} (expected one of {', '.join(imageio.IMAGE_SUFFIXES)})")
-    if out.suffix.lower() in imageio.WRITE_DEPTHS:
-        if args.format and out.suffix.lower().lstrip(".") != args.format:
+    # an existing folder, or a path written with a trailing slash, is a folder whatever its name
+    as_folder = out.is_dir() or str(args.out).endswith(("/", os.sep))
+    if out.suffix.lower() in imageio.WRITE_DEPTHS and not as_folder:
+        if args.format and _canonical_format(out.suffix) != _canonical_format(args.format):
             raise InputError(f"--format {args.format} contradicts the suffix of --out {out}")
         return [Pair(out.stem, a, b, out)], [], out.parent, False
-    if out.suffix and not out.is_dir():
+    if out.suffix and not as_folder:
         raise InputError(f"--out {out}: cannot write {out.suffix!r} files (use one of {', '.join(imageio.WRITE_DEPTHS)})")
     return [Pair(a.stem, a, b, out / f"{a.stem}.{args.format or _default_format(a)}")], [], out, False
 

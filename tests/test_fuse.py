@@ -593,3 +593,24 @@ def test_ambiguous_stems_are_listed_once(tmp_path):
     assert [p.name for p in pairs] == ["x"]
     assert sorted(unmatched) == sorted([("k", f"only in {a}"), ("y (y.jpg, y.png)", f"several files with this stem in {a}"),
                                         ("z (z.png, z.tif)", f"several files with this stem in {b}")])
+
+
+def test_out_suffix_aliases_dotted_folders_and_max_pixels(tmp_path, capsys):
+    Image.fromarray(_img((20, 24, 3))).save(tmp_path / "a.png")
+    common = dict(task="mef", a=tmp_path / "a.png", b=tmp_path / "a.png")
+    r = StubRunner()
+    for fmt, name in (("tif", "x.tiff"), ("tiff", "y.tif"), ("jpg", "x.jpeg"), ("jpeg", "y.JPG")):
+        assert _run(_args(**common, out=tmp_path / name, format=fmt), r) == 0, fmt
+        assert imageio.read_image(tmp_path / name).pixels.shape == (20, 24, 3)
+    err = _one_line_error(capsys, _run(_args(**common, out=tmp_path / "x.png", format="tif"), r))
+    assert "contradicts" in err
+    # folders whose names look like files: an existing one, or one written with a trailing slash
+    for folder in ("results.v2", "fused.png"):
+        (tmp_path / folder).mkdir()
+        assert _run(_args(**common, out=tmp_path / folder), r) == 0
+        assert (tmp_path / folder / "a.png").is_file()
+    assert _run(_args(**common, out=f"{tmp_path / 'new.v3'}/"), r) == 0 and (tmp_path / "new.v3" / "a.png").is_file()
+    for bad in ("-5", "0", "many"):
+        with pytest.raises(SystemExit):
+            fuse.build_parser().parse_args([str(x) for x in _args(**common, out="o.png", max_pixels=bad)])
+        assert "--max-pixels" in capsys.readouterr().err
