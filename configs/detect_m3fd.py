@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- model ----------------------------------------------------------------------------------
     c.model = dict(
-        backbone=dict(vit=dict(VIT_TI_MIM), dim=192, heads=16),  # must match the pretrained network
+        backbone=dict(vit=dict(VIT_TI_MIM), dim=192, heads=16, mfme_depth=2),  # must match the pretrained network
         head=dict(),  # detector.HeadConfig fields (ViTDet defaults)
         direction="q_view2")
     c.compute_dtype = "float32"

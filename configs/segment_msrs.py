@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- model ----------------------------------------------------------------------------------
     c.model = dict(
-        backbone=dict(vit=dict(VIT_TI_MIM), dim=192, heads=16),  # must match the pretrained network
+        backbone=dict(vit=dict(VIT_TI_MIM), dim=192, heads=16, mfme_depth=2),  # must match the pretrained network
         pyramid_dim=256, pyramid_scales=(4.0, 2.0, 1.0, 0.5),  # ViTDet simple feature pyramid
         head_channels=512, pool_scales=(1, 2, 3, 6), norm_groups=32, head_dropout=0.1,  # UPerHead
         direction="q_view2")
@@ -80,7 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.batch_size = 8
         c.crop_size = (64, 64)
         c.total_steps = 240
-        c.model = dict(backbone=dict(vit=dict(width=64, depth=2, heads=2, mlp_dim=128, eps=1e-6), dim=64, heads=4),
+        c.model = dict(backbone=dict(vit=dict(width=64, depth=2, heads=2, mlp_dim=128, eps=1e-6), dim=64, heads=4,
+                                     mfme_depth=1),  # = configs/pretrain.py:smoke's model
                        pyramid_dim=32, pyramid_scales=(4.0, 2.0, 1.0, 0.5), head_channels=32, pool_scales=(1, 2, 3, 6),
                        norm_groups=8, head_dropout=0.1, direction="q_view2")
         # Generated 64x96 scenes: a coloured block seen only in the visible image (class 1), a hot

@@ -68,3 +68,13 @@ def test_config_arguments():
         get_config("ir,vi")
     with pytest.raises(ValueError, match="unknown config arguments"):
         get_config("large")
+
+
+def test_an_unknown_split_is_an_error_on_synthetic_data_too():
+    """The generated stand-in for M3FD accepts M3FD's split names only (it used to take any)."""
+    from defusion_jax.data import m3fd
+
+    cfg = {"kind": "synthetic", "count": 2, "size": (64, 64)}
+    assert len(m3fd.build_source(cfg, "val")) == 2
+    with pytest.raises(m3fd.DataError, match="unknown split 'bogus'"):
+        m3fd.build_source(cfg, "bogus")

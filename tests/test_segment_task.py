@@ -145,3 +145,31 @@ def test_missing_dataset_is_one_clear_line(tmp_path):
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in r.stderr
     assert "{train,test}/ir/NAME.png" in err[0] and "Segmentation_labels" in err[0]
+
+
+def test_smoke_backbone_is_the_pretrain_smoke_network():
+    """configs/segment_msrs.py:smoke can start from a configs/pretrain.py:smoke workdir
+    (docs/segmentation.md): every backbone parameter exists there with the same shape."""
+    from flax import traverse_util
+
+    from configs.pretrain import get_config as pretrain_config
+    from defusion_jax.tasks import get_task
+
+    m = mesh()
+    seg = segment.SegmentTask(get_config("smoke"), m)
+    seg_shapes = jax.eval_shape(seg.init_params, jax.random.key(0))["backbone"]
+    pre = get_task("pretrain")(pretrain_config("smoke"), m)
+    pre_shapes = jax.eval_shape(pre.init_params, jax.random.key(0))
+    flat = lambda t: {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(dict(t)).items()}  # noqa: E731
+    seg_flat, pre_flat = flat(seg_shapes), flat(pre_shapes)
+    assert {k: pre_flat.get(k) for k in seg_flat} == seg_flat
+    assert any(k.startswith("recon_blocks_mim_encoder_0/") for k in seg_flat)
+
+
+def test_an_unknown_split_is_an_error_on_synthetic_data_too():
+    """`tasks.segment --split=bogus` on the smoke workdir used to score the generated test scenes
+    and write report_bogus/; the split names are MSRS's for the stand-in data as well."""
+    cfg = get_config("smoke").data
+    assert len(msrs_seg.build_seg_source(cfg, "test")) == 8
+    with pytest.raises(msrs_seg.DataError, match="unknown MSRS split 'bogus'; expected one of train, test"):
+        msrs_seg.build_seg_source(cfg, "bogus")

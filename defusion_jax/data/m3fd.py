@@ -285,7 +285,10 @@ def build_source(cfg: Mapping[str, Any], split: str):
                           int(cfg.get("split_seed", SPLIT_SEED)), cfg.get("split_file") or None,
                           int(cfg.get("limit", 0) or 0))
     if kind == "synthetic":
-        # Every split is the same generated images: the smoke run is an overfitting check.
+        # Every split is the same generated images: the smoke run is an overfitting check. The
+        # split names are still the real dataset's, so a typo fails here as it would on M3FD.
+        if split not in (*SPLITS, "all"):
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS} or 'all'")
         return SyntheticSource(int(cfg.get("count", 8)), tuple(cfg.get("size", (128, 128))),
                                int(cfg.get("seed", 0)), tuple(cfg.get("class_names") or SYNTHETIC_CLASSES))
     raise DataError(f"config.data.kind must be 'm3fd' or 'synthetic', got {kind!r}")

@@ -62,6 +62,9 @@ def read_label(path: str | os.PathLike) -> np.ndarray | None:
     return arr.astype(np.uint8)
 
 
+SPLITS = ("train", "test")  # the MSRS repository's folders
+
+
 class MSRSSegSource:
     """Records (name, ir path, vi path, label path) of one MSRS split, sorted by name."""
 
@@ -179,6 +182,8 @@ def build_seg_source(data_cfg, split: str):
     Synthetic 'train' and 'test' use different seeds (held-out scenes), unless the config points
     evaluation at 'train'."""
     syn = dict(data_cfg.get("synthetic") or {})
+    if split not in SPLITS:  # the real dataset's; the generated stand-in accepts no others
+        raise DataError(f"unknown MSRS split {split!r}; expected one of {', '.join(SPLITS)}")
     if syn:
         n = int(syn.get(f"n_{split}", syn.get("n_train", 16)))
         seed = int(syn.get("seed", 0)) + (0 if split == "train" else 1000)
