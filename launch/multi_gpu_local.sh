@@ -60,7 +60,13 @@ cleanup() {
   local p
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 }
-trap cleanup INT TERM
+# SIGTERM/Ctrl-C to the launcher: pass SIGTERM on (a terminal's Ctrl-C already reached every
+# process; a second SIGINT would make the trainers abort without their checkpoint), then keep
+# waiting: the trainers checkpoint and exit, and their status is the launcher's.
+signalled=""
+on_signal() { signalled="$1"; cleanup; }
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
 
 for ((i = 0; i < PROCS; i++)); do
   (
@@ -74,17 +80,27 @@ done
 
 status=0
 # Wait for the processes one by one; if one fails, stop the rest instead of leaving them blocked
-# on a collective that can never complete.
-for ((n = 0; n < PROCS; n++)); do
-  rc=0
-  wait -n || rc=$?
+# on a collective that can never complete. `wait -n -p` (bash >= 5.1) tells a child's exit from a
+# wait cut short by a trapped signal (no pid); older bash counts that as a failure.
+wait_opts=(-n) has_p=""
+if (( BASH_VERSINFO[0] > 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] >= 1) )); then
+  wait_opts=(-n -p done_pid) has_p=1
+fi
+for ((n = 0; n < PROCS; )); do
+  rc=0 done_pid=""
+  wait "${wait_opts[@]}" || rc=$?
   [[ $rc == 127 ]] && break  # no child left
-  if [[ $rc != 0 ]]; then
+  if [[ -n "$has_p" && -z "${done_pid:-}" ]]; then
+    continue  # interrupted by SIGTERM/SIGINT (handled in on_signal): the children are stopping
+  fi
+  n=$((n + 1))
+  if [[ $rc != 0 && $status == 0 ]]; then
     status=$rc
-    echo "multi_gpu_local.sh: a process exited with status $rc; stopping the others" >&2
-    cleanup
-    wait || true
-    break
+    if [[ -z "$signalled" ]]; then
+      echo "multi_gpu_local.sh: a process exited with status $rc; stopping the others" >&2
+      cleanup
+    fi
   fi
 done
+[[ -n "$signalled" ]] && echo "multi_gpu_local.sh: SIG$signalled: the processes exited with status $status" >&2
 exit "$status"

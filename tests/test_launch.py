@@ -249,3 +249,36 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
               env=env, timeout=100)
     assert r.returncode == 3 and "stopping the others" in r.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_local_launcher_sigterm_waits_for_the_checkpointing_processes(tmp_path):
+    """SIGTERM to the launcher reaches both processes, which (like the trainer) finish their step
+    and exit 0; the launcher waits for them and exits 0 rather than 143 with 'stopping the others'."""
+    (tmp_path / "dist_term.py").write_text(textwrap.dedent("""\
+        import os, signal, sys, time
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+        print("ready", flush=True)
+        while not stop:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the checkpoint
+        print("saved", flush=True)
+        """))
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(tmp_path),
+           "PYTHON": sys.executable}
+    proc = subprocess.Popen(["bash", str(LAUNCH / "multi_gpu_local.sh"), "--procs", "2", "--platform", "cpu",
+                             "--module", "dist_term"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+    try:
+        ready = 0
+        for line in proc.stdout:
+            ready += "ready" in line
+            if ready == 2:
+                break
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "[0] saved" in out and "[1] saved" in out, out
+    assert "stopping the others" not in err
