@@ -163,6 +163,10 @@ def convert_vit(state_dict: Mapping[str, np.ndarray], heads=None, eps: float = 1
 
     sd = dict(state_dict)
     cfg = infer_config(sd, heads, eps, source)
+    if "dist_token" in sd:  # its extra position row would otherwise read as "not 1 + a square grid"
+        raise CheckpointError(f"{source}: has a dist_token (a distilled DeiT, e.g. deit_base_distilled_patch16_224: "
+                              "cls + distillation token); only ViTs with one cls token convert, e.g. the "
+                              "non-distilled deit_base_patch16_224")
     kind, grid, notes = _position_table(sd, cfg["width"], posemb, source)
     skipped_decoder = [k for k in sd if any(re.fullmatch(p, k) for p in MAE_DECODER)]
     for k in skipped_decoder:

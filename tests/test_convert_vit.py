@@ -231,3 +231,13 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "broken.pth" in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_distilled_deit_names_its_dist_token():
+    """A distilled DeiT (cls + dist token, 2 + 14x14 position rows) is refused naming dist_token,
+    not as a position table of the wrong length."""
+    sd = {k: v.numpy() for k, v in state_dict(tiny_timm()).items()}
+    sd["dist_token"] = np.zeros((1, 1, 192), np.float32)
+    sd["pos_embed"] = np.zeros((1, 2 + 14 * 14, 192), np.float32)
+    with pytest.raises(CheckpointError, match=r"x.pth: has a dist_token \(a distilled DeiT"):
+        convert_vit(sd, source="x.pth")
