@@ -14,6 +14,7 @@ is; other integer types and bool are a TypeError (`defusion_jax.exported.as_unit
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -29,6 +30,12 @@ from defusion_jax.models.defusion import DIRECTIONS, build_model
 from defusion_jax.params_io import CheckpointError, is_params_dir, load_params
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".safetensors", ".ckpt")
+
+
+def _matmul_precision(precision: str | None):
+    # None must not enter a `default_matmul_precision(None)` context: that is a different jit
+    # cache key from the global setting and would recompile
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
 
 class FusionModel:
@@ -85,15 +92,22 @@ class FusionModel:
         return jax.jit(lambda params, a, b, keep, restore: self.module.apply(
             {"params": params}, a, b, ids_keep=keep, ids_restore=restore)["mfm_recon"])
 
-    def decompose(self, a, b, direction: str = "q_view2") -> dict[str, jax.Array]:
-        """common, unique1, unique2 and fused images (NHWC float32, raw predictions)."""
-        a, b = self._pair(a, b)
-        return self._decompose(self.params, a, b, self._direction(direction))
+    def decompose(self, a, b, direction: str = "q_view2", precision: str | None = "highest") -> dict[str, jax.Array]:
+        """common, unique1, unique2 and fused images (NHWC float32, raw predictions).
 
-    def fuse(self, a, b, direction: str = "q_view2") -> jax.Array:
-        """Fused image only (the inference path of Fig. 6), NHWC float32, raw prediction."""
+        `precision`: matmul precision (`jax.default_matmul_precision`), `highest` (float32 on
+        GPUs/TPUs, as `python -m defusion_jax.fuse` and the export) by default; None inherits
+        the global setting."""
         a, b = self._pair(a, b)
-        return self._fuse(self.params, a, b, self._direction(direction))
+        with _matmul_precision(precision):
+            return self._decompose(self.params, a, b, self._direction(direction))
+
+    def fuse(self, a, b, direction: str = "q_view2", precision: str | None = "highest") -> jax.Array:
+        """Fused image only (the inference path of Fig. 6), NHWC float32, raw prediction
+        (`precision` as in `decompose`)."""
+        a, b = self._pair(a, b)
+        with _matmul_precision(precision):
+            return self._fuse(self.params, a, b, self._direction(direction))
 
     def mfm_reconstruct(self, a, b, ids_keep, ids_restore) -> jax.Array:
         """MFM reconstruction with explicit kept / restore token indices (Eq. 8)."""
@@ -105,15 +119,17 @@ class FusionModel:
             raise ValueError(f"ids_restore must be (B, {n}) and ids_keep (B, K); got {restore.shape}, {keep.shape}")
         return self._mfm(self.params, a, b, keep, restore)
 
-    def fuse_image(self, a: np.ndarray, b: np.ndarray, task: str = "ivf", direction: str = "q_view2") -> np.ndarray:
+    def fuse_image(self, a: np.ndarray, b: np.ndarray, task: str = "ivf", direction: str = "q_view2",
+                   precision: str | None = "highest") -> np.ndarray:
         """One HxWxC pair in [0,1] of any size -> fused HxWx3 float32 in [0,1].
 
         The official test protocol: reflect-pad 16 px on each side, then up to a multiple of 16,
         run, crop back, clamp. IVF inputs are made grey in 3 channels (official loaders).
+        `precision` as in `decompose` (default `highest`, as the CLI).
         """
         from defusion_jax import inference
 
-        return inference.fuse_pair(self, a, b, task=task, direction=direction)
+        return inference.fuse_pair(self, a, b, task=task, direction=direction, precision=precision)
 
 
 def load_model(path: str | os.PathLike, model_config: Mapping[str, Any] | None = None) -> FusionModel:

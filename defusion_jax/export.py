@@ -30,11 +30,15 @@ from defusion_jax.exported import FORMAT, MANIFEST, is_export_dir
 FUNCTION_FILE = "fuse.jax"
 WEIGHTS_FILE = "weights.npz"
 PLATFORMS = ("cpu", "cuda", "tpu")
-PADDING_RULE = ("reflect-pad 16 px on every side (numpy 'reflect', i.e. PyTorch F.pad mode='reflect'), then "
-                "bottom/right further up to a multiple of 16; fuse; crop rows [16, 16+H) and columns [16, 16+W)")
+PADDING_RULE = ("np.pad(x, ((16, 16 + eh), (16, 16 + ew), (0, 0)), mode='reflect') for an H x W x 3 image, "
+                "eh = (-(H + 32)) % 16, ew = (-(W + 32)) % 16 (numpy 'reflect' is PyTorch F.pad mode='reflect'); "
+                "mode='symmetric' instead when 16 + eh >= H or 16 + ew >= W (reflection needs a pad smaller than "
+                "the side); fuse; crop rows [16, 16 + H) and columns [16, 16 + W)")
 COLOR_RULE = {
-    "ivf": "both inputs grey (ITU-R 601 luma) replicated to 3 channels, as the official loaders; for colour output "
-           "put the fused luma into the visible image's YCbCr (Y from fused, CbCr from visible)",
+    "ivf": "both inputs grey replicated to 3 channels, as the official loaders (PIL convert('L')): for 8-bit RGB "
+           "L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16 on the 0..255 integers, /255; for deeper images "
+           "0.299 R + 0.587 G + 0.114 B in float32; for colour output put the fused luma into the visible "
+           "image's full-range BT.601 YCbCr (Y from fused, CbCr from visible)",
     "mef": "RGB as is (grey inputs replicated to 3 channels)",
     "mff": "RGB as is (grey inputs replicated to 3 channels)",
 }

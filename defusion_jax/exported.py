@@ -20,9 +20,12 @@ SECURITY: the serialized function is trusted input. `jax.export.deserialize` com
 the StableHLO it finds; load only folders you made yourself or got from someone you trust.
 
 The output is the network's raw linear prediction (mostly in [0,1]; clip before saving). Images
-of other sizes: reflect-pad 16 px on every side, then bottom/right up to a multiple of 16, fuse,
-and crop [16:16+H, 16:16+W] (the manifest's `padding_rule`; `python -m defusion_jax.fuse`
-does this for you).
+of other sizes (the manifest's `padding_rule`; `python -m defusion_jax.fuse` does this for you):
+
+    eh, ew = (-(H + 32)) % 16, (-(W + 32)) % 16
+    mode = "reflect" if 16 + eh < H and 16 + ew < W else "symmetric"   # tiny images
+    x = np.pad(x, ((16, 16 + eh), (16, 16 + ew), (0, 0)), mode=mode)   # H x W x 3
+    fused = f(xa[None], xb[None])[0, 16:16 + H, 16:16 + W]
 """
 
 from __future__ import annotations

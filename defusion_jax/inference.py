@@ -9,7 +9,9 @@ images and optional size buckets.
 Protocol (official `test.py`, ../shared/notes/reference_impl.md §2.3): reflect-pad 16 px on
 every side, then bottom/right further up to a multiple of 16 (the official script skips this
 step: its test model was never published), run with position tables for the real grid, crop
-back. IVF feeds both images as grey in 3 channels; MEF and MFF feed RGB.
+back: `np.pad(x, ((16, 16 + eh), (16, 16 + ew), (0, 0)), 'reflect')`, `symmetric` instead when a
+pad is not smaller than the side it mirrors (images up to 31 px; `pad_image`). IVF feeds both
+images as grey in 3 channels (`grey_like_pil`); MEF and MFF feed RGB.
 
 The network attends globally, so anything that changes the padded canvas changes the output:
 - `bucket` pads further (bottom/right, reflect) to a multiple of `bucket` so that a folder of
@@ -22,7 +24,6 @@ See docs/fusion.md for measurements of both trade-offs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ def pad_amounts(h: int, w: int, multiple: int = 16, border: int = BORDER,
 
 
 def pad_image(x: np.ndarray, pads) -> np.ndarray:
-    """Reflect padding of an (..., H, W, C) array; falls back to symmetric for tiny images."""
+    """Reflect padding of an (..., H, W, C) array; `symmetric` on both axes when a pad is not
+    smaller than the side it mirrors (reflection, like PyTorch's, needs pad < side)."""
     spec = [(0, 0)] * (x.ndim - 3) + [pads[0], pads[1], (0, 0)]
     h, w = x.shape[-3], x.shape[-2]
     mode = "reflect" if max(pads[0]) < h and max(pads[1]) < w else "symmetric"
@@ -101,8 +103,8 @@ def to_model_input(x: np.ndarray, task: str) -> np.ndarray:
 def grey_like_pil(x: np.ndarray) -> np.ndarray:
     """HxWx3 -> HxW luma as the official loaders compute it (PIL `convert('L')`).
 
-    Images on the 8-bit grid get PIL's fixed-point rounding bit for bit; deeper ones the exact
-    ITU-R 601 weights in float.
+    Images on the 8-bit grid (every x*255 within 1e-3 of an integer) get PIL's fixed-point
+    formula on the integers bit for bit; others 0.299 R + 0.587 G + 0.114 B in float32.
     """
     q = np.rint(x * 255.0)
     if np.abs(q - x * 255.0).max(initial=0.0) < 1e-3:
@@ -191,17 +193,11 @@ class ModelRunner:
         self.shapes: set = set()
 
     def __call__(self, a: np.ndarray, b: np.ndarray, parts: bool = False) -> dict[str, np.ndarray]:
-        import jax
-
         self.shapes.add((a.shape, parts))
-        # None inherits the global setting (a `default_matmul_precision(None)` context would
-        # be a different jit cache key from it and recompile)
-        ctx = jax.default_matmul_precision(self.precision) if self.precision else contextlib.nullcontext()
-        with ctx:
-            if parts:
-                out = self.model.decompose(a, b, self.direction)
-                return {k: np.asarray(out[k]) for k in ("fused",) + PARTS}
-            return {"fused": np.asarray(self.model.fuse(a, b, self.direction))}
+        if parts:  # precision None inherits the global setting
+            out = self.model.decompose(a, b, self.direction, precision=self.precision)
+            return {k: np.asarray(out[k]) for k in ("fused",) + PARTS}
+        return {"fused": np.asarray(self.model.fuse(a, b, self.direction, precision=self.precision))}
 
     def describe(self) -> str:
         return f"checkpoint {self.model.meta.get('source', '?')} ({self.direction})"
@@ -410,8 +406,9 @@ def fuse_arrays(runner, a: np.ndarray, b: np.ndarray, task: str = "ivf", *, part
 
 
 def fuse_pair(model, a: np.ndarray, b: np.ndarray, task: str = "ivf", direction: str = "q_view2",
-              **kwargs) -> np.ndarray:
+              precision: str | None = "highest", **kwargs) -> np.ndarray:
     """One pair of same-size images in [0,1] -> fused HxWx3 float32 clamped to [0,1]
-    (`FusionModel.fuse_image`). `kwargs` go to `fuse_arrays` (bucket, max_pixels, overlap)."""
-    runner = model if isinstance(model, (ModelRunner, ExportedRunner)) else ModelRunner(model, direction, None)
+    (`FusionModel.fuse_image`; `precision` as in `FusionModel.decompose`, ignored for a runner,
+    which has its own). `kwargs` go to `fuse_arrays` (bucket, max_pixels, overlap, progress)."""
+    runner = model if isinstance(model, (ModelRunner, ExportedRunner)) else ModelRunner(model, direction, precision)
     return np.clip(fuse_arrays(runner, a, b, task, **kwargs).fused, 0.0, 1.0)

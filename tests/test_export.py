@@ -41,7 +41,10 @@ def test_export_folder_and_manifest(export_dir):
     m = json.loads((export_dir / "manifest.json").read_text())
     assert m["format"] == exported.FORMAT and m["platforms"] == ["cpu", "cuda", "tpu"]
     assert m["inputs"]["layout"] == "NHWC" and m["inputs"]["shape"] == "(batch, 16*h, 16*w, 3)"
-    assert m["inputs"]["value_range"] == [0.0, 1.0] and "reflect-pad 16" in m["padding_rule"]
+    assert m["inputs"]["value_range"] == [0.0, 1.0]
+    assert "np.pad(x, ((16, 16 + eh), (16, 16 + ew), (0, 0)), mode='reflect')" in m["padding_rule"]
+    assert "mode='symmetric' instead when 16 + eh >= H or 16 + ew >= W" in m["padding_rule"]
+    assert "19595 R + 38470 G + 7471 B + 0x8000" in m["color"]["ivf"]
     assert m["versions"]["jax"] and m["direction"] == "q_view2" and m["model"]["num_params"] == 13_420_800
     # weights are stored beside the function, not baked into it
     assert (export_dir / "fuse.jax").stat().st_size < 2 << 20 < (export_dir / "weights.npz").stat().st_size
@@ -197,3 +200,15 @@ def test_fuse_options_an_export_cannot_honour_fail_before_loading(export_dir, tm
     args = fuse.build_parser().parse_args(base + ["--direction", "q_view2", "--precision", "highest"])
     fuse._check_export_options(args)  # the baked values themselves are fine
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("h,w", [(109, 141), (33, 51), (31, 40), (20, 7), (1, 1)])
+def test_documented_padding_rule_is_what_the_code_does(h, w):
+    """The manifest's padding_rule (and docs/fusion.md, exported.py) written out == pad_image."""
+    x = np.random.default_rng(h * w).random((h, w, 3)).astype(np.float32)
+    eh, ew = (-(h + 32)) % 16, (-(w + 32)) % 16
+    mode = "reflect" if 16 + eh < h and 16 + ew < w else "symmetric"
+    want = np.pad(x, ((16, 16 + eh), (16, 16 + ew), (0, 0)), mode=mode)
+    np.testing.assert_array_equal(pad_image(x, pad_amounts(h, w)), want)
+    assert want.shape[0] % 16 == 0 and want.shape[1] % 16 == 0
+    np.testing.assert_array_equal(want[16:16 + h, 16:16 + w], x)

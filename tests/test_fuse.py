@@ -614,3 +614,33 @@ def test_out_suffix_aliases_dotted_folders_and_max_pixels(tmp_path, capsys):
         with pytest.raises(SystemExit):
             fuse.build_parser().parse_args([str(x) for x in _args(**common, out="o.png", max_pixels=bad)])
         assert "--max-pixels" in capsys.readouterr().err
+
+
+def test_api_runs_at_the_clis_matmul_precision_by_default(tiny_model, monkeypatch):
+    """fuse_image / decompose / fuse default to `highest` like the CLI and the export (they used
+    to inherit the global default, TF32/bf16 passes on GPUs); `precision=` chooses, None inherits."""
+    import jax
+
+    m, seen = tiny_model, []
+
+    def spy(parts):  # records the precision in force when the jitted function is called
+        def f(params, a, b, direction):
+            seen.append(jax.config.jax_default_matmul_precision)
+            z = np.zeros(a.shape, np.float32)
+            return {k: z for k in ("fused",) + inference.PARTS} if parts else z
+        return f
+
+    monkeypatch.setitem(m.__dict__, "_fuse", spy(False))
+    monkeypatch.setitem(m.__dict__, "_decompose", spy(True))
+    x = RNG.random((1, 32, 32, 3)).astype(np.float32)
+    jax.config.update("jax_default_matmul_precision", None)  # conftest sets highest for every test
+    try:
+        m.fuse_image(x[0, :20, :20], x[0, :20, :20], "mef")
+        m.decompose(x, x)
+        m.fuse(x, x)
+        m.fuse(x, x, precision="high")
+        m.decompose(x, x, precision=None)
+        inference.fuse_arrays(inference.ModelRunner(m, precision="default"), x[0], x[0], "mef")
+    finally:
+        jax.config.update("jax_default_matmul_precision", "highest")
+    assert seen == ["highest", "highest", "highest", "high", None, "default"]
