@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defusion_jax import paths
-from defusion_jax.exported import as_unit_float, nchw_hint
+from defusion_jax.exported import as_unit_float, is_export_dir, nchw_hint
 from defusion_jax.models.defusion import DIRECTIONS, build_model
 from defusion_jax.params_io import CheckpointError, is_params_dir, load_params
 
@@ -148,6 +148,9 @@ def load_model(path: str | os.PathLike, model_config: Mapping[str, Any] | None =
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
     if path.is_dir():
+        if not url and is_export_dir(path):
+            raise CheckpointError(f"{path} is an export folder (python -m defusion_jax.export), not a checkpoint; "
+                                  f"use defusion_jax.exported.load({str(path)!r}) or fuse --model {path}")
         if not url and is_params_dir(path):
             params, cfg, meta = load_params(path)
             return FusionModel(params, model_config or cfg, {**meta, "source": str(path)})
@@ -161,6 +164,13 @@ def load_model(path: str | os.PathLike, model_config: Mapping[str, Any] | None =
     if path.suffix.lower() in OFFICIAL_SUFFIXES:
         from defusion_jax.convert import load_official
 
-        params, cfg, notes = load_official(path, model_config)
+        try:
+            params, cfg, notes = load_official(path, model_config)
+        except CheckpointError as e:
+            if "weights_only" not in str(e):
+                raise
+            # torch's advice to retry with weights_only=False would run the file's pickled code
+            raise CheckpointError(f"{path}: not a loadable checkpoint (torch.load finds no plain state dict of "
+                                  "tensors in it)") from None
         return FusionModel(params, cfg, {"source": str(path), "notes": notes})
     raise CheckpointError(f"{path}: not a model checkpoint (expected a folder, .pth or .safetensors)")

@@ -145,6 +145,10 @@ class ExportedFusion:
         from jax import export
 
         self.directory = Path(directory)
+        if not self.directory.exists():
+            raise ExportedModelError(f"{self.directory}: no such folder")
+        if not self.directory.is_dir():
+            raise ExportedModelError(f"{self.directory}: not a folder (an export is a folder with {MANIFEST})")
         manifest_path = self.directory / MANIFEST
         if not manifest_path.is_file():
             raise ExportedModelError(f"{self.directory}: no {MANIFEST} (not an export folder)")

@@ -113,7 +113,21 @@ def test_bad_exports_and_models(export_dir, tmp_path, capsys):
     assert export_cli.main(["--model", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x")]) == 2
     assert "cannot load model" in capsys.readouterr().err
     assert export_cli.main(["--model", str(export_dir), "--out", str(tmp_path / "y")]) == 2  # not a checkpoint
-    assert "cannot load model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot load model" in err and "is an export folder" in err and "exported.load" in err
+    from defusion_jax.api import load_model
+    from defusion_jax.params_io import CheckpointError
+
+    with pytest.raises(CheckpointError, match="is an export folder.*fuse --model"):
+        load_model(export_dir)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "junk.pth")
+    assert "junk.pth: not a loadable checkpoint" in str(e.value) and "weights_only" not in str(e.value)
+    with pytest.raises(exported.ExportedModelError, match="/nonexistent: no such folder"):
+        exported.load("/nonexistent")
+    with pytest.raises(exported.ExportedModelError, match="not a folder"):
+        exported.load(tmp_path / "junk.pth")
     broken = tmp_path / "broken"
     shutil.copytree(export_dir, broken)
     with open(broken / "weights.npz", "r+b") as f:
