@@ -164,13 +164,6 @@ def load_model(path: str | os.PathLike, model_config: Mapping[str, Any] | None =
     if path.suffix.lower() in OFFICIAL_SUFFIXES:
         from defusion_jax.convert import load_official
 
-        try:
-            params, cfg, notes = load_official(path, model_config)
-        except CheckpointError as e:
-            if "weights_only" not in str(e):
-                raise
-            # torch's advice to retry with weights_only=False would run the file's pickled code
-            raise CheckpointError(f"{path}: not a loadable checkpoint (torch.load finds no plain state dict of "
-                                  "tensors in it)") from None
+        params, cfg, notes = load_official(path, model_config)
         return FusionModel(params, cfg, {"source": str(path), "notes": notes})
     raise CheckpointError(f"{path}: not a model checkpoint (expected a folder, .pth or .safetensors)")

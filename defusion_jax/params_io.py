@@ -83,6 +83,10 @@ def _read_torch(path: Path) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
+        if "weights_only" in str(e):
+            # torch's advice to retry with weights_only=False would run the file's pickled code
+            raise CheckpointError(f"{path}: not a loadable checkpoint (torch's safe loader finds "
+                                  "no plain state dict of tensors in it)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(obj, Mapping):

@@ -124,6 +124,11 @@ def test_bad_exports_and_models(export_dir, tmp_path, capsys):
     with pytest.raises(CheckpointError) as e:
         load_model(tmp_path / "junk.pth")
     assert "junk.pth: not a loadable checkpoint" in str(e.value) and "weights_only" not in str(e.value)
+    from defusion_jax import convert
+
+    assert convert.main(["official", "--input", str(tmp_path / "junk.pth"), "--output", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err  # the converter reads through the same loader: no unsafe advice there either
+    assert "junk.pth: not a loadable checkpoint" in err and "weights_only" not in err
     with pytest.raises(exported.ExportedModelError, match="/nonexistent: no such folder"):
         exported.load("/nonexistent")
     with pytest.raises(exported.ExportedModelError, match="not a folder"):
