@@ -34,11 +34,13 @@ SAMPLE_DATA = Path(__file__).resolve().parents[1] / "defusion_jax" / "sample_dat
 EPOCH_STEPS_AT_16 = 50_000 // 16  # 3125
 
 # Learning-rate schedules: milestones are fractions of total_steps (epoch milestones / epochs).
+# Every field train.learning_rate_fn reads is present, so that `--config.schedule.name=cosine
+# --config.schedule.end_lr=1e-6` (or poly with `power`) can switch the schedule from the command line.
+_STEP = dict(name="step", end_lr=0.0, power=1.0, gamma=0.5, warmup_steps=0)
 SCHEDULES = {
-    "paper": dict(base_lr=1e-4, milestones=(20 / 30,), gamma=0.5, warmup_steps=0),
-    "official_mcud": dict(base_lr=1e-4, milestones=(80 / 200, 160 / 200, 180 / 200, 190 / 200), gamma=0.5,
-                          warmup_steps=0),
-    "official_cud": dict(base_lr=4e-4, milestones=(20 / 50, 40 / 50, 45 / 50, 47 / 50), gamma=0.5, warmup_steps=0),
+    "paper": dict(_STEP, base_lr=1e-4, milestones=(20 / 30,)),
+    "official_mcud": dict(_STEP, base_lr=1e-4, milestones=(80 / 200, 160 / 200, 180 / 200, 190 / 200)),
+    "official_cud": dict(_STEP, base_lr=4e-4, milestones=(20 / 50, 40 / 50, 45 / 50, 47 / 50)),
 }
 
 
@@ -95,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.multi = dict(kind="paired", path=str(SAMPLE_DATA / "ivf"), a="ir", b="vi", min_size=32,
                             jitter=False, flip=True)
         c.data.num_threads = 2
-        c.schedule = dict(base_lr=1e-3, milestones=(2 / 3,), gamma=0.5, warmup_steps=0)
+        c.schedule = dict(_STEP, base_lr=1e-3, milestones=(2 / 3,))
         c.ckpt_every = 30
         c.log_every = 10
         c.panel_every = 30

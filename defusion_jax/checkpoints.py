@@ -68,9 +68,22 @@ class Checkpointer:
         return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iter=None) -> Any:
-        """The state at `step` with the shardings of `abstract_state`; `data_iter` restored in place."""
+        """The state at `step` with the shardings of `abstract_state`; `data_iter` restored in place.
+
+        A checkpoint written by another number of processes has one iterator state per process of
+        that run; it is translated for this one (`translate_iterator_state`) when that is exact."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        has_data = (self.directory / str(step) / "data").is_dir()
+        data_dir = self.directory / str(step) / "data"
+        has_data = data_dir.is_dir()
+        saved = _saved_iterator_states(data_dir) if data_iter is not None and has_data else None
+        if saved is not None and len(saved) != jax.process_count():
+            state = translate_iterator_state(saved, jax.process_count(), where=f"{self.directory}/{step}")
+            restored = self.mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+            data_iter.set_state(state)
+            logging.warning("checkpoint %s/%d was written by %d processes, this run has %d: the data iterator "
+                            "position was translated (the global batches continue as they would have)",
+                            self.directory, step, len(saved), jax.process_count())
+            return restored
         if data_iter is not None and has_data:
             import grain
 
@@ -86,6 +99,60 @@ class Checkpointer:
     def close(self) -> None:
         self.mngr.wait_until_finished()
         self.mngr.close()
+
+
+def _saved_iterator_states(data_dir) -> list[dict] | None:
+    """The grain iterator states of a checkpoint's `data` item, in process order (None: not JSON
+    files per process, e.g. another grain version; orbax restores those as before)."""
+    files = {}
+    for f in data_dir.iterdir():
+        m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", f.name)
+        if m:
+            files[(int(m.group(1)), int(m.group(2)))] = f
+    counts = {n for _, n in files}
+    if len(counts) != 1 or sorted(i for i, _ in files) != list(range(counts.pop())):
+        return None
+    return [json.loads(files[k].read_text()) for k in sorted(files)]
+
+
+_ITERATOR_KEYS = {"parents", "index", "stop", "next_index"}
+
+
+def translate_iterator_state(states: list[dict], process_count: int, where: str = "checkpoint") -> dict:
+    """The iterator state for each of `process_count` processes, from the states saved by
+    len(states) processes, when the data order is a function of the step alone.
+
+    Every process's stream takes its block of each global batch (`data.pipeline.BatchBlockShard`),
+    so after k batches each saved process stands at element k * B / N of its stream (`next_index`)
+    and the mix of streams at batch k (`index`, process independent). The same position with M
+    processes is next_index * N / M. This holds when all saved states are equal and divide
+    exactly; a process that skipped an unusable image stands elsewhere, and then the run cannot
+    continue the same batches (CheckpointError naming both process counts)."""
+    n = len(states)
+    fail = (f"{where} was written by {n} process{'es' if n > 1 else ''} and this run has {process_count}: the data "
+            f"iterator position cannot be carried over")
+    if any(s != states[0] for s in states[1:]):
+        raise CheckpointError(f"{fail} (the processes stand at different positions, e.g. after skipping unusable "
+                              f"images); resume with {n} processes")
+
+    def scale(node):
+        if not isinstance(node, dict) or set(node) - _ITERATOR_KEYS:
+            raise CheckpointError(f"{fail} (unknown iterator state {json.dumps(node)[:200]}); resume with {n} "
+                                  "processes")
+        out = dict(node)
+        if "parents" in out:
+            parents = out["parents"]
+            out["parents"] = ({k: scale(v) for k, v in parents.items()} if isinstance(parents, dict)
+                              else [scale(v) for v in parents])
+        if "next_index" in out:
+            moved = int(out["next_index"]) * n
+            if moved % process_count:
+                raise CheckpointError(f"{fail} (element {out['next_index']} does not split over {process_count} "
+                                      f"processes); resume with {n} processes")
+            out["next_index"] = moved // process_count
+        return out
+
+    return scale(states[0])
 
 
 def locate(path: str | os.PathLike) -> tuple[Path, int | None]:
@@ -123,6 +190,48 @@ class _NoMissingMetadataWarning(logging_std.Filter):
 
     def filter(self, record):
         return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
+def _leaf_paths(tree) -> dict[str, tuple]:
+    """{'params/encoder/.../kernel': shape} of a pytree of arrays, shape structs or orbax metadata
+    (orbax stores optax's named tuples as lists of dicts: keys are compared by name or index)."""
+    def name(k):
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    is_leaf = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def state_mismatch(step_dir: Path, abstract_state: Any, show: int = 3) -> str | None:
+    """None if the checkpoint's `state` holds exactly the arrays of `abstract_state` (paths and
+    shapes), else a short description of the difference (a few array names of each kind)."""
+    quiet = _NoMissingMetadataWarning()
+    handlers = logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(step_dir / "state")  # a local or gs:// path
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+    tree = getattr(meta, "item_metadata", meta)
+    saved, wanted = _leaf_paths(getattr(tree, "tree", tree)), _leaf_paths(abstract_state)
+    order = lambda k: (not k.startswith("params/"), k)  # noqa: E731  parameter names say most
+    missing = sorted(set(wanted) - set(saved), key=order)
+    extra = sorted(set(saved) - set(wanted), key=order)
+    shapes = sorted((k for k in set(saved) & set(wanted) if saved[k] != wanted[k]), key=order)
+    parts = []
+    for what, keys, fmt in (("not in the checkpoint", missing, str),
+                            ("only in the checkpoint", extra, str),
+                            ("with another shape", shapes, lambda k: f"{k} {saved[k]} vs {wanted[k]} now")):
+        if keys:
+            more = f" and {len(keys) - show} more" if len(keys) > show else ""
+            parts.append(f"{len(keys)} arrays {what}: {', '.join(fmt(k) for k in keys[:show])}{more}")
+    return "; ".join(parts) or None
 
 
 def read_state_numpy(step_dir: Path, subtree: str | None = "params") -> Any:

@@ -52,13 +52,19 @@ class MetricWriter:
     """metrics.jsonl (one JSON object per logged step) + TensorBoard scalars and images.
 
     On object storage (a gs:// workdir) nothing can be appended to: the writer keeps the file's
-    lines and rewrites it whole, at most every `remote_every_s` seconds and on every flush."""
+    lines and rewrites it whole, at most every `remote_every_s` seconds and on every flush.
+
+    A resumed run calls `resume_at(step)` before logging: rows an interrupted run wrote after its
+    last checkpoint are dropped from metrics.jsonl and TensorBoard purges its events after `step`
+    (`purge_step`), so neither shows the steps twice. The TensorBoard writer opens on first use."""
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
                  remote_every_s: float = 30.0):
         self.enabled = enabled
         self.workdir = paths.path(workdir)
         self._tb = None
+        self._tb_dir = None
+        self._purge_step = None
         self._jsonl = None
         self._remote_lines: list[str] | None = None
         self._remote_every_s, self._remote_written = remote_every_s, 0.0
@@ -75,9 +81,49 @@ class MetricWriter:
             if remote and not paths.has_module("google.cloud.storage"):
                 raise ValueError(f"TensorBoard logs in {self.workdir} need google-cloud-storage "
                                  "(pip install google-cloud-storage), or --config.tensorboard=False")
+            import tensorboardX  # noqa: F401  (missing package: fail at start, not at the first step)
+
+            self._tb_dir = str(self.workdir / "tb")
+
+    def _board(self):
+        if self._tb is None and self._tb_dir is not None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), flush_secs=30)
+            self._tb = SummaryWriter(logdir=self._tb_dir, flush_secs=30, purge_step=self._purge_step)
+        return self._tb
+
+    def resume_at(self, step: int) -> None:
+        """Forget what was logged after `step` (the checkpoint a run resumes from; 0 = a fresh start)."""
+        if not self.enabled:
+            return
+
+        def keep(line):
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:  # a row cut short by a killed process
+                return False
+
+        target = self.workdir / "metrics.jsonl"
+        if self._remote_lines is None:
+            self._jsonl.close()
+            lines = target.read_text().splitlines(keepends=True) if target.exists() else []
+        else:
+            lines = self._remote_lines
+        kept = [line for line in lines if keep(line)]
+        if len(kept) != len(lines):
+            logging.info("resuming at step %d: dropped %d rows logged after it from %s", step,
+                         len(lines) - len(kept), target)
+        if self._remote_lines is None:
+            if len(kept) != len(lines):
+                paths.write_text_whole(target, "".join(kept))
+            self._jsonl = open(target, "a", buffering=1)
+        else:
+            self._remote_lines = kept
+            self._write_remote()
+        self._purge_step = int(step) + 1
+        if self._tb is not None:  # opened before: reopen so that the purge takes effect
+            self._tb.close()
+            self._tb = None
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -90,7 +136,7 @@ class MetricWriter:
                 self._write_remote()
         else:
             self._jsonl.write(json.dumps(row) + "\n")
-        if self._tb is not None:
+        if self._board() is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float, np.number)) and math.isfinite(float(v)):
                     self._tb.add_scalar(k, float(v), int(step))
@@ -100,11 +146,11 @@ class MetricWriter:
         self._remote_written = time.monotonic()
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
-        if self.enabled and self._tb is not None:
+        if self.enabled and self._board() is not None:
             self._tb.add_image(tag, image, int(step), dataformats="HWC")
 
     def text(self, tag: str, text: str) -> None:
-        if self.enabled and self._tb is not None:
+        if self.enabled and self._board() is not None:
             self._tb.add_text(tag, text, 0)
 
     def flush(self) -> None:
@@ -169,7 +215,10 @@ def progress_line(step: int, total: int, metrics: Mapping[str, float], speed: Ma
     parts = [f"step {step}/{total}"]
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4g}")
-    terms = [f"{k.split('/')[-1]} {metrics[k]:.3g}" for k in keys if k in metrics]
+    # the last path component names a term, unless two keys share it (cud/common, mcud/common)
+    last = [k.split("/")[-1] for k in keys]
+    label = {k: (k if last.count(n) > 1 else n) for k, n in zip(keys, last)}
+    terms = [f"{label[k]} {metrics[k]:.3g}" for k in keys if k in metrics]
     if terms:
         parts.append("(" + ", ".join(terms) + ")")
     if speed:

@@ -11,8 +11,12 @@ Guarantees:
   train state, so an interrupted run continues exactly (same batches, same parameters).
 - Resume order: WORKDIR's latest checkpoint -> `config.resume` (another run) -> `config.init`
   (parameters only) -> from scratch. Re-running the same command after an interruption resumes.
-- SIGTERM (single process) or a JAX preemption notice (multi-process, TPU pods) -> checkpoint at
-  the current step and return with status 'preempted'.
+- SIGTERM or Ctrl-C (SIGINT; single process) or a JAX preemption notice (multi-process, TPU pods)
+  -> checkpoint at the current step and return with status 'preempted'. A second Ctrl-C, or one
+  before the first step has run, raises KeyboardInterrupt (nothing new to save).
+- Resuming at step s drops what the interrupted run logged after s (metrics.jsonl rows, TensorBoard
+  events), so the logs match the restored state; WORKDIR/config.json is written only once the
+  state was restored or initialised, and a resume names the fields that changed.
 - A non-finite loss, gradient norm or parameter norm raises `NonFiniteLoss` with the step range;
   checkpoints are only written after every step up to theirs was seen finite, so the last one is good.
 """
@@ -35,6 +39,7 @@ from absl import logging
 from defusion_jax import checkpoints, logging_utils, paths
 from defusion_jax import sharding as sh
 from defusion_jax.data import pipeline
+from defusion_jax.params_io import CheckpointError
 from defusion_jax.tasks import get_task
 
 
@@ -47,14 +52,49 @@ class ConfigError(ValueError):
 
 
 @contextlib.contextmanager
-def _startup(what: str):
-    """Turn configuration mistakes found while setting up `what` into one-line ConfigErrors."""
+def _startup(what: str, also=()):
+    """Turn configuration mistakes found while setting up `what` into one-line ConfigErrors
+    (ValueError, and the exception types in `also`)."""
     try:
         yield
     except ConfigError:
         raise
-    except ValueError as e:  # DataError, TeacherError, bad mesh or batch size, unknown names
-        raise ConfigError(f"{what}: {e}") from None
+    except (ValueError, *also) as e:  # DataError, TeacherError, bad mesh or batch size, unknown names
+        raise ConfigError(f"{what}: {' '.join(str(e).split())}") from None
+
+
+def _check_workdir(workdir) -> None:
+    """A local workdir must be a folder or not exist yet; a file on its path is a config error."""
+    if paths.is_url(workdir):
+        return
+    for p in [workdir, *workdir.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"workdir: {p} is a file" + ("" if p == workdir else f", not a folder ({workdir} "
+                                                                                         "cannot be made under it)"))
+            return
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else ()):
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """'field: old -> new' for every leaf field that differs between two JSON configs."""
+    a, b = _flat(saved), _flat(json.loads(json.dumps(current, default=str)))
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+
+
+def _config_json(config) -> str:
+    return (config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+            else json.dumps(dict(config), indent=2, default=str)) + "\n"
 
 
 # ---- optimiser -----------------------------------------------------------------------------------
@@ -145,22 +185,48 @@ def jit_train_step(train_step, mesh, state_sharding=None):
 
 # ---- small helpers -------------------------------------------------------------------------------
 class _StopFlag:
-    """Set by SIGTERM/SIGINT in a single-process run; checked once per step."""
+    """Set by SIGTERM/SIGINT in a single-process run; checked once per step.
+
+    Ctrl-C (SIGINT) only asks for a checkpoint once the first step has run (`armed`): before it
+    there is nothing new to save and a user interrupting a minute of compilation wants out, so it
+    sets `aborted`, and the trainer raises KeyboardInterrupt at its next `check()` (after the
+    start-up stages, before every step). Raising in the handler itself can land in a garbage-
+    collector callback (JAX has one), where Python prints a traceback and drops the exception. A
+    second Ctrl-C raises at once. The CLI reports KeyboardInterrupt in one line (exit code 130)."""
 
     def __init__(self):
         self.signum = None
+        self.armed = False
+        self.aborted = False
         self._old = {}
 
-    def install(self):
+    def install(self, *signums):
         if threading.current_thread() is not threading.main_thread():
             return self
-        for s in (signal.SIGTERM,):
-            self._old[s] = signal.signal(s, self._handle)
+        for s in signums or (signal.SIGTERM, signal.SIGINT):
+            if s not in self._old:
+                self._old[s] = signal.signal(s, self._handle)
         return self
 
+    def check(self):
+        if self.aborted:
+            raise KeyboardInterrupt
+
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and (self.aborted or self.signum is not None):
+            self.aborted = True
+            raise KeyboardInterrupt  # the second Ctrl-C
+        if signum == signal.SIGINT and not self.armed:
+            self.aborted = True
+            logging.warning("Ctrl-C: stopping at the end of this start-up stage (nothing to save yet; Ctrl-C "
+                            "again to stop at once)")
+            return
         self.signum = signum
-        logging.warning("received signal %d: will checkpoint after the current step and stop", signum)
+        if signum == signal.SIGINT:
+            logging.warning("Ctrl-C: will checkpoint after the current step and stop (Ctrl-C again to abort "
+                            "without saving)")
+        else:
+            logging.warning("received signal %d: will checkpoint after the current step and stop", signum)
 
     def restore(self):
         for s, h in self._old.items():
@@ -239,6 +305,16 @@ def _ordered_panel(task, out_sharding):
     return run
 
 
+def _check_restorable(ckpt, step: int, abstract_state, where: str) -> None:
+    """A checkpoint whose arrays do not match the configured model and optimiser is a config
+    mistake (a changed --config.model...), not something orbax's partial_restore should paper over."""
+    diff = checkpoints.state_mismatch(ckpt.directory / str(step), abstract_state)
+    if diff:
+        src = where.split("=", 1)[-1]
+        raise ConfigError(f"checkpoint in {where} was written with a different model/optimizer ({diff}); use a new "
+                          f"workdir, or --config.init={src} to start from its parameters")
+
+
 def _cfg_get(config, key, default=None):
     return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
 
@@ -265,12 +341,15 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
         workdir = paths.path(workdir)  # gs:// for a pod's shared workdir
     except ValueError as e:
         raise ConfigError(f"workdir: {e}") from None
+    _check_workdir(workdir)
     pidx, pcount = jax.process_index(), jax.process_count()
+    stop = _StopFlag()
+    cleanup.callback(stop.restore)
+    if pcount == 1:  # Ctrl-C from here on: abort (one line from the CLI) until the first step has run
+        stop.install(signal.SIGINT)
     sh.log_topology()
     if pidx == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        paths.write_text_whole(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n"
-                               if hasattr(config, "to_json_best_effort") else json.dumps(dict(config)))
     try:
         writer = cleanup.enter_context(contextlib.closing(
             logging_utils.MetricWriter(workdir, enabled=pidx == 0, tensorboard=_cfg_get(config, "tensorboard", True))))
@@ -279,6 +358,8 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     total = int(config.total_steps)
 
     # ================================ Mesh =======================================================
+    if int(config.batch_size) <= 0:
+        raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
     with _startup("mesh"):
         mesh = sh.make_mesh(config.mesh, _cfg_get(config, "mesh_axis_types", "auto"))
         if int(config.batch_size) % pcount:
@@ -293,6 +374,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
         task = get_task(config.task)(config, mesh)
     with _startup("data"):
         train_iter = iter(task.make_train_data(pidx, pcount))
+    stop.check()
 
     # ================================ Model and optimiser shapes =================================
     with _startup("optimizer"):
@@ -301,10 +383,13 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
 
     init_state, train_step = make_step_fns(task, tx, lr_fn)
     programs = _programs_for(config, mesh)  # traced/compiled functions shared by identical runs
-    state_shape = _memo(programs, "state_shape", lambda: jax.eval_shape(init_state, rng_init, rng_loop))
+    # Shape errors of a model the config cannot build (widths that do not divide, an image size
+    # that is no multiple of the patch) surface here as ValueError/TypeError: config mistakes.
+    with _startup("model (config.model)", also=(TypeError,)):
+        state_shape = _memo(programs, "state_shape", lambda: jax.eval_shape(init_state, rng_init, rng_loop))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape["params"]))
     logging.info("model: %s trainable parameters", f"{n_params:,}")
-    writer.text("config", "```\n" + str(config) + "\n```")
+    stop.check()
 
     # ================================ Shardings ==================================================
     state_sharding = sh.tree_shardings(state_shape, mesh, _cfg_get(config, "sharding_rules", ((".*", "replicate"),)),
@@ -324,12 +409,15 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
                                  async_save=bool(_cfg_get(config, "async_checkpoints", True)))))
     with jax.set_mesh(mesh):
         if ckpt.latest_step() is not None:
+            _check_restorable(ckpt, ckpt.latest_step(), abstract_state, str(workdir))
             state = ckpt.restore(ckpt.latest_step(), abstract_state, train_iter)
             origin = f"resumed {workdir} at step {ckpt.latest_step()}"
         elif _cfg_get(config, "resume"):
-            src_dir, src_step = checkpoints.locate(config.resume)
+            with _startup(f"config.resume={config.resume}", also=(OSError, CheckpointError)):
+                src_dir, src_step = checkpoints.locate(config.resume)
             with contextlib.closing(checkpoints.Checkpointer(src_dir, read_only=True)) as src:
                 src_step = src.latest_step() if src_step is None else src_step
+                _check_restorable(src, src_step, abstract_state, f"config.resume={config.resume}")
                 state = src.restore(src_step, abstract_state, train_iter)
             origin = f"resumed from config.resume={config.resume} at step {src_step}"
         else:
@@ -337,12 +425,25 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
             state = init_fn(rng_init, rng_loop)
             origin = "initialised from scratch"
             if _cfg_get(config, "init"):
-                params = task.load_init_params(config.init, state_shape["params"])
+                with _startup(f"config.init={config.init}", also=(OSError, CheckpointError)):
+                    params = task.load_init_params(config.init, state_shape["params"])
                 state["params"] = jax.device_put(jax.tree.map(np.asarray, params), state_sharding["params"])
                 origin = f"parameters from config.init={config.init}"
     first_step = int(jax.device_get(state["step"]))
     logging.info("%s", origin)
+    stop.check()
+    writer.resume_at(first_step)  # what an interrupted run logged after its last checkpoint goes
+    writer.text("config", "```\n" + str(config) + "\n```")
     if pidx == 0:
+        saved = workdir / "config.json"
+        if first_step and saved.exists():
+            try:
+                changes = config_changes(json.loads(saved.read_text()), json.loads(_config_json(config)))
+            except ValueError:  # an unreadable old copy is simply replaced
+                changes = ["(the saved config.json could not be read)"]
+            for line in changes:
+                logging.warning("config changed since the last run in %s: %s", workdir, line)
+        paths.write_text_whole(saved, _config_json(config))
         checkpoints.write_model_config(workdir, task.model_config(), {"task": config.task, "source": str(workdir)})
 
     # ================================ Update step ================================================
@@ -355,16 +456,15 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     eval_every = int(_cfg_get(config, "eval_every", 0))
     stop_after = int(_cfg_get(config, "stop_after", 0) or 0)
     ckpt_every = max(int(config.ckpt_every), 0)  # 0: only at the end (and on preemption)
-    stop = _StopFlag()
     if pcount == 1:  # multi-process jobs get SIGTERM through JAX's preemption notice (below)
-        stop.install()
-    cleanup.callback(stop.restore)
+        stop.install(signal.SIGTERM)
     progress = logging_utils.Progress(total, int(config.batch_size), first_step)
     pending, last_checked, status = [], first_step, "done"
     step = first_step
     if first_step >= total:
         logging.info("nothing to do: step %d >= total_steps %d", first_step, total)
     for step in range(first_step + 1, total + 1):
+        stop.check()
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = sh.global_batch(next(train_iter), mesh)
             with jax.set_mesh(mesh):
@@ -374,6 +474,8 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
             jax.block_until_ready(metrics)
             logging.info("first step done (compiled) at step %d", step)
             progress.started(step)
+            stop.check()
+            stop.armed = True
 
         preempted = stop.signum is not None or ckpt.reached_preemption(step)
         last = step == total or (stop_after and step - first_step >= stop_after)
@@ -415,8 +517,8 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
         if preempted:
             ckpt.wait()
             status = "preempted"
-            logging.warning("stopped at step %d after a termination signal; checkpoint saved. Run the same "
-                            "command again to resume.", step)
+            logging.warning("stopped at step %d after %s; checkpoint saved. Run the same command again to "
+                            "resume.", step, "Ctrl-C" if stop.signum == signal.SIGINT else "a termination signal")
             break
         if last and step != total:
             status = "stopped"

@@ -122,8 +122,12 @@ def test_exact_resume(smoke, tmp_path):
     the same batches in the same order and bit-identical parameters."""
     first = train_here(tmp_path, stop_after=4, **QUIET)
     assert first["status"] == "stopped" and first["checkpoint"] == 4
+    # a kill -9 after step 6: rows 5 and 6 (and half a row) were logged, no checkpoint after 4
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": 1.0}\n{"step": 7, "lo')
     second = train_here(tmp_path, stop_after=4, **QUIET)
     assert second["step"] == 8
+    assert [r["step"] for r in logging_utils.read_metrics(tmp_path)] == list(range(1, 9)), "rows after 4 kept"
     straight = steps_logged(smoke[0], "data/checksum")
     split = steps_logged(tmp_path, "data/checksum")
     assert [split[s] for s in range(1, 9)] == [straight[s] for s in range(1, 9)], "data order differs"
@@ -134,16 +138,17 @@ def test_exact_resume(smoke, tmp_path):
                                                                          for s in range(1, 9)]
 
 
-def test_sigterm_checkpoints_and_the_same_run_resumes(smoke, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_checkpoints_and_the_same_run_resumes(smoke, tmp_path, signum):
     caught = []
-    previous = signal.signal(signal.SIGTERM, lambda *a: caught.append(a))  # if the run ended first
+    previous = signal.signal(signum, lambda *a: caught.append(a))  # if the run ended first
     done = threading.Event()
 
     def send_sigterm_after_step_3():
         while not done.is_set():
             rows = logging_utils.read_metrics(tmp_path)
             if rows and rows[-1]["step"] >= 3:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
                 return
             time.sleep(0.02)
 
@@ -154,7 +159,7 @@ def test_sigterm_checkpoints_and_the_same_run_resumes(smoke, tmp_path):
     finally:
         done.set()
         killer.join()
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
     assert not caught, "the signal arrived after the run had finished"
     assert result["status"] == "preempted"
     stopped = result["step"]
@@ -251,7 +256,8 @@ def test_failed_start_up_closes_the_writer_and_signal_handlers(tmp_path, monkeyp
     monkeypatch.setattr(logging_utils.MetricWriter, "close", lambda self: (closed.append(self._tb), close(self)))
     with pytest.raises(train.ConfigError, match="^mesh:"):
         train_here(tmp_path / "a", mesh=(("data", 2),))
-    assert len(closed) == 1 and closed[0] is not None  # the tensorboard writer was open, then closed
+    assert len(closed) == 1  # (its TensorBoard file opens at the first event: none was written)
+    assert not (tmp_path / "a" / "config.json").exists(), "a failed start wrote config.json"
 
     before = signal.getsignal(signal.SIGTERM)
     c = smoke_config(task="test_train", stop_after=0, log_every=1, panel_every=0, ckpt_every=0)
@@ -316,3 +322,248 @@ def test_fuse_cli_takes_the_trained_workdir(smoke, tmp_path, capsys):
     for stem in ("00004N", "00055D", "FLIR_00306"):
         for suffix in ("", "_common", "_unique_a", "_unique_b", "_heat_common"):
             assert (tmp_path / "out" / f"{stem}{suffix}.png").is_file(), stem + suffix
+
+
+def test_ctrl_c_before_the_first_step_or_twice_aborts(monkeypatch):
+    """Ctrl-C asks for a checkpoint only once a step has run; before that it marks the run aborted
+    (KeyboardInterrupt at the trainer's next check: raised in the handler it can land in a gc
+    callback and be dropped), and a second Ctrl-C raises at once. The CLI turns KeyboardInterrupt
+    into one line and exit code 130."""
+    def sigint():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)  # the handler runs between bytecodes of the main thread
+
+    stop = train._StopFlag().install()
+    try:
+        sigint()
+        assert stop.aborted and stop.signum is None
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt):
+            sigint()
+        stop.aborted = False
+        stop.armed = True
+        sigint()
+        assert stop.signum == signal.SIGINT and not stop.aborted
+        stop.check()  # a checkpoint, not an abort
+        with pytest.raises(KeyboardInterrupt):
+            sigint()
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_while_compiling_is_one_line_exit_130(tmp_path):
+    """The CLI interrupted after the model was built (compilation of the first step under way)."""
+    proc = subprocess.Popen(main_cmd(tmp_path / "w", "--config.tensorboard=False"), cwd=REPO,
+                            env=main_env(DEFUSION_COMPILE_CACHE="0"), stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "trainable parameters" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+    assert any("trainable parameters" in line for line in seen), "".join(seen)[-3000:]
+    assert proc.returncode == 130, rest[-3000:]
+    assert "Traceback" not in rest and rest.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)"), rest[-3000:]
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "gs"])
+def test_resume_drops_the_rows_and_events_logged_after_the_checkpoint(tmp_path, monkeypatch, remote):
+    import tensorboardX
+
+    opened = []
+    real = tensorboardX.SummaryWriter
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", lambda **kw: (opened.append(kw), real(**kw))[1])
+    where = str(tmp_path / "run")
+    if remote:
+        rw = pytest.importorskip("test_remote_workdir")
+        rw.FakeGCS.root = str(tmp_path / "store")
+        import fsspec
+
+        for proto in ("gs", "gcs"):
+            fsspec.register_implementation(proto, rw.FakeGCS, clobber=True)
+        monkeypatch.setitem(rw.paths._NEEDS, "gs", ("fsspec", "the stand-in store"))
+        where = "gs://bucket/run"
+    w = logging_utils.MetricWriter(where, tensorboard=not remote, remote_every_s=0)
+    w.resume_at(0)
+    for s in range(1, 8):
+        w.scalars(s, {"loss": float(s)})
+    w.close()
+    w = logging_utils.MetricWriter(where, tensorboard=not remote, remote_every_s=0)
+    w.resume_at(4)  # the run restored the checkpoint of step 4
+    assert [r["step"] for r in logging_utils.read_metrics(where)] == [1, 2, 3, 4]
+    w.scalars(5, {"loss": 50.0})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in logging_utils.read_metrics(where)] == [(1, 1), (2, 2), (3, 3), (4, 4),
+                                                                                     (5, 50)]
+    if not remote:
+        assert [kw["purge_step"] for kw in opened] == [1, 5]
+
+
+def test_config_json_is_written_after_restore_and_changes_are_named(smoke, tmp_path, caplog):
+    """A start that fails on the checkpoint (another model) leaves config.json alone and says what
+    to do in one line; a resume with other host-side fields names them and then saves the new config."""
+    import shutil
+
+    for name in ("config.json", "model_config.json", "metrics.jsonl"):
+        shutil.copy(smoke[0] / name, tmp_path / name)
+    shutil.copytree(smoke[0] / "checkpoints" / "60", tmp_path / "checkpoints" / "60")
+    saved = (tmp_path / "config.json").read_text()
+    with pytest.raises(train.ConfigError) as e:
+        train_here(tmp_path, model__vit__depth=3, **QUIET)
+    msg = str(e.value)
+    assert "\n" not in msg and f"checkpoint in {tmp_path} was written with a different model/optimizer" in msg
+    assert "params/encoder/blocks_2/" in msg and f"--config.init={tmp_path}" in msg, msg
+    assert (tmp_path / "config.json").read_text() == saved
+    with caplog.at_level("WARNING"):
+        result = train_here(tmp_path, **QUIET)  # log_every 10 -> 1, ckpt_every 8 -> 1000 ...; already at 60
+    assert result["step"] == 60
+    changed = [r.getMessage() for r in caplog.records if "config changed since the last run" in r.getMessage()]
+    assert any("ckpt_every: 8 -> 1000" in m for m in changed), changed
+    assert json.loads((tmp_path / "config.json").read_text())["ckpt_every"] == 1000
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("--config.optim.lrr=1", "no such config field: optim"),
+    ("--config.optimizer.lrr=1", "no such config field: lrr"),
+    ("--config.total_steps=abc", "invalid literal for int()"),
+    ("--config=configs/pretrian.py:smoke", "No such file or directory: 'configs/pretrian.py'"),
+    ("--config=configs/pretrain.py:smok", "unknown config arguments ['smok']"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, override, expect):
+    cmd = main_cmd(tmp_path / "w", override) if not override.startswith("--config=") else \
+        main_cmd(tmp_path / "w", config=override.split("=", 1)[1])
+    r = subprocess.run(cmd, cwd=REPO, env=main_env(), capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and expect in lines[-1], lines[-1]
+    assert not (tmp_path / "w").exists()
+
+
+def test_start_up_mistakes_are_one_config_error(tmp_path):
+    """Workdir on a file, batch size 0, and models the config cannot build: ConfigError (one line,
+    exit code 2 from the CLI) before anything is compiled."""
+    (tmp_path / "file").write_text("x")
+    for workdir, match in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "cannot be made under it")):
+        with pytest.raises(train.ConfigError, match=match):
+            train_here(workdir, **QUIET)
+    with pytest.raises(train.ConfigError, match="batch_size must be positive"):
+        train_here(tmp_path / "b", batch_size=0, **QUIET)
+    with pytest.raises(train.ConfigError, match=r"^config.init=/nonexist: "):
+        train_here(tmp_path / "i", init="/nonexist", **QUIET)
+    with pytest.raises(train.ConfigError, match=r"^config.resume=/nonexist: "):
+        train_here(tmp_path / "r", resume="/nonexist", **QUIET)
+    for field, value, match in (("image_size", 60, r"^model \(config.model\): image size 60x60 is not a multiple"),
+                                ("model__vit__width", 32, r"config.model.vit.width \(32\) and config.model.dim")):
+        with pytest.raises(train.ConfigError, match=match) as e:
+            train_here(tmp_path / field, **{field: value}, **QUIET)
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / field / "config.json").exists()
+
+
+def test_an_explicit_teacher_path_wins_over_the_smoke_teacher(tmp_path):
+    """docs/teacher.md's `--config.teacher.infrared=...` on pretrain.py:smoke: that path is used
+    (here: reported missing) rather than the smoke config's random teacher; the other role keeps it."""
+    from defusion_jax import sharding as sh
+    from defusion_jax.tasks import get_task
+
+    mesh = sh.make_mesh((("data", -1),))
+    c = smoke_config()
+    assert get_task("pretrain")(c, mesh).teacher_roles == {"infrared": "smoke", "visible": "smoke"}
+    c.teacher.infrared = str(tmp_path / "mae_ir" / "teacher")
+    with pytest.raises(ValueError, match=r"teacher not found \(config.teacher.infrared='.*mae_ir/teacher'\)"):
+        get_task("pretrain")(c, mesh)
+    c.teacher.infrared = str(tmp_path)
+    assert get_task("pretrain")(c, mesh).teacher_roles == {"infrared": str(tmp_path), "visible": "smoke"}
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one(tmp_path):
+    """docs/training.md: the global batch is the same for any process count. Two processes' data
+    iterator states (each process its block of every global batch, two mixed streams) restore into
+    one process, whose next batch is the two processes' next batches concatenated; positions that
+    do not correspond (a process skipped an image) are one CheckpointError naming both counts."""
+    import grain
+
+    from defusion_jax.data import pipeline
+    from defusion_jax.params_io import CheckpointError
+
+    def stream(p, count):
+        def one(offset):
+            ds = grain.MapDataset.range(10_000).map(lambda i: {"x": np.float32(i + offset)})
+            return pipeline.BatchBlockShard(ds, 4, p, count).to_iter_dataset().batch(4 // count)
+        return iter(pipeline.mix_streams({"a": one(0), "b": one(0.5)}, {"a": 0.7, "b": 0.3}))
+
+    two = [stream(p, 2) for p in (0, 1)]
+    for _ in range(7):
+        for it in two:
+            next(it)
+    states = [it.get_state() for it in two]
+    expected = np.concatenate([next(it)["x"] for it in two])
+
+    ckpt = checkpoints.Checkpointer(tmp_path / "ck", async_save=False)
+    ckpt.save(7, {"w": np.zeros(2, np.float32)}, stream(0, 1), force=True)
+    ckpt.wait()
+    data = tmp_path / "ck" / "7" / "data"
+    (data / "process_0-of-1.json").unlink()
+    for p, st in enumerate(states):
+        (data / f"process_{p}-of-2.json").write_text(json.dumps(st))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((2,), np.float32, sharding=one_device)}
+    one = stream(0, 1)
+    restored = ckpt.restore(7, abstract, one)
+    np.testing.assert_array_equal(restored["w"], np.zeros(2))
+    np.testing.assert_array_equal(next(one)["x"], expected)
+
+    (data / "process_1-of-2.json").write_text(json.dumps(
+        {**states[1], "parents": {**states[1]["parents"], "a": {"next_index": 3}}}))
+    with pytest.raises(CheckpointError, match="written by 2 processes and this run has 1"):
+        ckpt.restore(7, abstract, stream(0, 1))
+    ckpt.close()
+
+
+@pytest.mark.parametrize("arg", ["smoke", "paper", "official", "official,cud"])
+def test_documented_schedule_overrides_apply(arg):
+    """docs/training.md: `--config.schedule.name=cosine --config.schedule.end_lr=...` (or poly and
+    power) on any configs/pretrain.py schedule; the step schedule stays what it was."""
+    from configs.pretrain import get_config
+
+    c = get_config(arg)
+    c.lock()  # as the command line has it (config_flags lock_config=True)
+    lr = train.learning_rate_fn(c.schedule, 100)
+    assert float(lr(0)) == pytest.approx(c.schedule.base_lr) and c.schedule.name == "step"
+    c.schedule.name, c.schedule.end_lr = "cosine", 1e-6  # a locked ConfigDict refuses new fields
+    np.testing.assert_allclose(float(train.learning_rate_fn(c.schedule, 100)(100)), 1e-6, rtol=1e-5)
+    c.schedule.name, c.schedule.power = "poly", 2.0
+    np.testing.assert_allclose(float(train.learning_rate_fn(c.schedule, 100)(50)),
+                               1e-6 + (c.schedule.base_lr - 1e-6) * 0.25, rtol=1e-5)
+
+
+def test_progress_line_names_colliding_terms_in_full():
+    keys = ("cud/common", "cud/fused_l1", "mcud/unique", "mcud/common")
+    line = logging_utils.progress_line(5, 60, {"loss": 1.0, "cud/common": 0.5, "cud/fused_l1": 0.25,
+                                               "mcud/common": 0.125}, {}, keys)
+    assert line == "step 5/60 | loss 1 | (cud/common 0.5, fused_l1 0.25, mcud/common 0.125)"
+
+
+@pytest.mark.slow
+def test_segment_smoke_starts_from_the_pretrain_smoke_workdir(smoke, tmp_path):
+    """docs/segmentation.md: `configs/segment_msrs.py:smoke --config.init=<pretrain smoke workdir>`
+    loads the whole backbone (it used to miss recon_blocks_mim_encoder_1) and trains."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("segment_msrs_config", REPO / "configs" / "segment_msrs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("smoke")
+    c.init, c.stop_after, c.eval_every, c.panel_every, c.log_every = str(smoke[0]), 2, 0, 0, 1
+    c.fast_compile = True
+    result = train.train_and_evaluate(c, str(tmp_path))
+    assert result["status"] == "stopped" and result["checkpoint"] == 2
+    seg = checkpoints.load_params_from_workdir(tmp_path / "checkpoints" / "2")[0]["backbone"]
+    pre = checkpoints.load_params_from_workdir(smoke[0])[0]
+    assert set(seg) <= set(pre) and "recon_blocks_mim_encoder_0" in seg

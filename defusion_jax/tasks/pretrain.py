@@ -61,6 +61,10 @@ class PretrainTask(Task):
             if not model_cfg["vit"]:
                 raise ValueError("config.remat needs an explicit config.model.vit")
             model_cfg["vit"]["remat"] = True
+        width, dim = model_cfg["vit"].get("width"), model_cfg.get("dim")
+        if width is not None and dim is not None and int(width) != int(dim):
+            # (the CA blocks read the encoder's tokens: otherwise a broadcasting error deep in the model)
+            raise ValueError(f"config.model.vit.width ({width}) and config.model.dim ({dim}) must be equal")
         model_cfg["multimodal"] = self.mm_ratio > 0
         self._model_cfg = model_cfg
         self.model: DeFusionPP = build_model({**model_cfg, "dtype": self.dtype})
@@ -78,10 +82,19 @@ class PretrainTask(Task):
     # ---- teachers ----------------------------------------------------------------------------
     def _check_teachers(self) -> dict[str, str]:
         t = self.config.teacher
-        if as_dict(t.get("smoke")):
-            return {"infrared": "smoke", "visible": "smoke"}
         roles = {"infrared": t.get("infrared"), "visible": t.get("visible")}
-        missing = [f"config.teacher.{r}={p!r}" for r, p in roles.items() if not p or not os.path.exists(p)]
+        if as_dict(t.get("smoke")):
+            # a teacher path given on the command line wins over the smoke config's random teacher
+            given = {r: p for r, p in roles.items() if p}
+            if given:
+                logging.warning("config.teacher.smoke is set, but %s given: using %s instead of the smoke teacher",
+                                ", ".join(f"config.teacher.{r}" for r in given),
+                                "them" if len(given) > 1 else "it")
+            roles = {r: given.get(r, "smoke") for r in roles}
+            if set(roles.values()) == {"smoke"}:
+                return roles
+        missing = [f"config.teacher.{r}={p!r}" for r, p in roles.items()
+                   if p != "smoke" and (not p or not os.path.exists(p))]
         if missing:
             raise TeacherError(f"teacher not found ({', '.join(missing)}). " + TEACHER_HELP)
         return roles
@@ -92,7 +105,7 @@ class PretrainTask(Task):
             return {}
         frozen: dict[str, Any] = {}
         t = self.config.teacher
-        if as_dict(t.get("smoke")):
+        if "smoke" in self.teacher_roles.values():
             from defusion_jax.models.vit import vit_from_config
 
             cfg = dict(as_dict(t.smoke), dtype=self.dtype)
@@ -103,13 +116,13 @@ class PretrainTask(Task):
                                  jnp.zeros((1, *self.image_size, 3)))["params"]
             self.teachers["smoke"] = module
             frozen["smoke"] = jax.tree.map(np.asarray, params)
-        else:
+        if set(self.teacher_roles.values()) - {"smoke"}:
             from defusion_jax.models import vit
 
             if not hasattr(vit, "load"):
                 raise TeacherError("defusion_jax.models.vit.load is not available in this checkout; "
                                    "update it, or train with --config.mm_ratio=0")
-            for path in sorted(set(self.teacher_roles.values())):
+            for path in sorted(set(self.teacher_roles.values()) - {"smoke"}):
                 try:
                     module, params = vit.load(path, normalize=True, dtype=self.dtype)
                 except Exception as e:
@@ -118,6 +131,9 @@ class PretrainTask(Task):
                 frozen[path] = params
                 logging.info("teacher %s: %s", path, {k: getattr(module, k, None) for k in ("width", "depth")})
         widths = {getattr(m, "width", None) for m in self.teachers.values()}
+        if len(widths) > 1:
+            raise TeacherError(f"the teachers have different widths {sorted(widths, key=str)} "
+                               f"({self.teacher_roles}); give both config.teacher.infrared and .visible")
         if widths != {self.model.teacher_dim}:
             raise TeacherError(f"teacher width {sorted(widths)} != config.model.teacher_dim "
                                f"{self.model.teacher_dim}; set --config.model.teacher_dim")
