@@ -12,6 +12,7 @@ shardings come from the current run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as logging_std
 import os
@@ -192,6 +193,19 @@ class _NoMissingMetadataWarning(logging_std.Filter):
         return "_CHECKPOINT_METADATA" not in record.getMessage()
 
 
+@contextlib.contextmanager
+def _quiet_metadata_warning():
+    quiet = _NoMissingMetadataWarning()
+    handlers = logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
 def _leaf_paths(tree) -> dict[str, tuple]:
     """{'params/encoder/.../kernel': shape} of a pytree of arrays, shape structs or orbax metadata
     (orbax stores optax's named tuples as lists of dicts: keys are compared by name or index)."""
@@ -209,15 +223,8 @@ def _leaf_paths(tree) -> dict[str, tuple]:
 def state_mismatch(step_dir: Path, abstract_state: Any, show: int = 3) -> str | None:
     """None if the checkpoint's `state` holds exactly the arrays of `abstract_state` (paths and
     shapes), else a short description of the difference (a few array names of each kind)."""
-    quiet = _NoMissingMetadataWarning()
-    handlers = logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers
-    for h in handlers:
-        h.addFilter(quiet)
-    try:
+    with _quiet_metadata_warning():
         meta = ocp.PyTreeCheckpointer().metadata(step_dir / "state")  # a local or gs:// path
-    finally:
-        for h in handlers:
-            h.removeFilter(quiet)
     tree = getattr(meta, "item_metadata", meta)
     saved, wanted = _leaf_paths(getattr(tree, "tree", tree)), _leaf_paths(abstract_state)
     order = lambda k: (not k.startswith("params/"), k)  # noqa: E731  parameter names say most
@@ -237,29 +244,24 @@ def state_mismatch(step_dir: Path, abstract_state: Any, show: int = 3) -> str | 
 def read_state_numpy(step_dir: Path, subtree: str | None = "params") -> Any:
     """Arrays of a saved `state` item as host numpy (any mesh), optionally one top-level subtree."""
     ckptr = ocp.PyTreeCheckpointer()
-    quiet = _NoMissingMetadataWarning()
-    handlers = logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers
-    for h in handlers:
-        h.addFilter(quiet)
     try:
-        meta = ckptr.metadata(step_dir / "state")
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        if subtree is not None:
-            tree = {subtree: tree[subtree]}
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
-                              is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        restored = ckptr.restore(step_dir / "state", ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
-            partial_restore=True))
+        with _quiet_metadata_warning():
+            meta = ckptr.metadata(step_dir / "state")
+            tree = getattr(meta, "item_metadata", meta)
+            tree = getattr(tree, "tree", tree)
+            if subtree is not None:
+                tree = {subtree: tree[subtree]}
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
+                                  is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+            restored = ckptr.restore(step_dir / "state", ocp.args.PyTreeRestore(
+                item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+                partial_restore=True))
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"{step_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     finally:
         ckptr.close()
-        for h in handlers:
-            h.removeFilter(quiet)
     return restored[subtree] if subtree is not None else restored
 
 

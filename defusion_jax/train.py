@@ -311,8 +311,12 @@ def _check_restorable(ckpt, step: int, abstract_state, where: str) -> None:
     diff = checkpoints.state_mismatch(ckpt.directory / str(step), abstract_state)
     if diff:
         src = where.split("=", 1)[-1]
-        raise ConfigError(f"checkpoint in {where} was written with a different model/optimizer ({diff}); use a new "
-                          f"workdir, or --config.init={src} to start from its parameters")
+        # state_mismatch names parameter arrays first, so any parameter difference shows in `diff`;
+        # config.init needs the same parameter tree, so it is only a way out when just the optimiser changed.
+        way_out = ("use a new workdir (the parameters differ, so --config.init cannot take them either)"
+                   if "params/" in diff else f"use a new workdir, or --config.init={src} to start from its parameters "
+                   "with a fresh optimizer")
+        raise ConfigError(f"checkpoint in {where} was written with a different model/optimizer ({diff}); {way_out}")
 
 
 def _cfg_get(config, key, default=None):
