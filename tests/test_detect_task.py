@@ -51,6 +51,7 @@ def test_smoke_config_overfits_and_reports(tmp_path):
     assert ap50 > 90.0, rows
     md = (report / "detection_train.md").read_text()
     assert "| disc | block | ring | AP50 | AP |" in md and f"Backbone init: {tmp_path / 'pretrained'}" in md
+    assert md.startswith("# Object detection, train split of the generated scenes (every split is the training")
     assert len(list(report.glob("boxes_train_*.png"))) == config.eval.drawings
     dets = json.loads((report / "detections_train.json").read_text())
     assert dets["detections"] and {c["name"] for c in dets["categories"]} == {"disc", "block", "ring"}

@@ -100,8 +100,10 @@ def _fmt(v: float) -> str:
 
 
 def write_report(out_dir, result: Mapping, class_names: Sequence[str], method: str, split: str,
-                 extra_lines: Sequence[str] = (), paper_rows: bool = True) -> dict[str, Path]:
-    """detection_<split>.md (Table-4 layout) and detection_<split>.csv (one row per method)."""
+                 extra_lines: Sequence[str] = (), paper_rows: bool = True, heading: str | None = None
+                 ) -> dict[str, Path]:
+    """detection_<split>.md (Table-4 layout, titled `heading` or '<split> split') and
+    detection_<split>.csv (one row per method)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cols = [SHORT_NAMES.get(c, c) for c in class_names] + ["AP50", "AP"]
@@ -110,7 +112,7 @@ def write_report(out_dir, result: Mapping, class_names: Sequence[str], method: s
     with_paper = paper_rows and tuple(class_names) == ("People", "Car", "Bus", "Lamp", "Motorcycle", "Truck")
     if with_paper:
         rows += [(k, list(v)) for k, v in PAPER_TABLE4.items()]
-    md = [f"# Object detection, {split} split", "",
+    md = [f"# Object detection, {heading or f'{split} split'}", "",
           f"Per-class AP50, AP50 and AP (COCO, IoU 0.50:0.95) in percent; {result['num_images']} images, "
           f"{sum(result['num_gt'].values())} ground-truth boxes, {result['num_detections']} detections.", "",
           "| Method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

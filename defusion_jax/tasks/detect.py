@@ -212,8 +212,11 @@ def write_report(out: Path, acc: E.Detections, kept, *, class_names, modality: s
         else "M3FD"
     extra = ["", f"Data: {data}. Modality: {modality}. Step: {step}. "
              f"Backbone init: {init_report['source'] if init_report else 'random / resumed'}."]
+    synthetic = data_kind == "synthetic"
     paths = E.write_report(out, r, class_names, ROW_NAMES.get(modality, modality), split, extra,
-                           paper_rows=data_kind != "synthetic")
+                           paper_rows=not synthetic,
+                           heading=f"{split} split of the generated scenes (every split is the training images)"
+                           if synthetic else None)
     paths["detections"] = out / f"detections_{split}.json"
     paths["detections"].write_text(json.dumps({"images": acc.images, "categories": [
         {"id": i + 1, "name": n} for i, n in enumerate(class_names)], "detections": acc.dt}) + "\n")
