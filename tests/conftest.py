@@ -31,3 +31,12 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     return need_shared(FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    """The smoke config trained once per session (tests/test_train.py: `train_smoke_reference`),
+    shared by the training tests of every module; defined here so that it is one instance."""
+    from test_train import train_smoke_reference
+
+    return train_smoke_reference(tmp_path_factory.mktemp("smoke"))

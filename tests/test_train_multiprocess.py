@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from defusion_jax import checkpoints, logging_utils
-from test_train import REPO, main_cmd, main_env, smoke  # noqa: F401 (fixture)
+from test_train import REPO, main_cmd, main_env
 
 
 def free_port() -> int:
