@@ -120,23 +120,19 @@ def fused_path(folder: str, item: Item, warnings: list[str] | None = None) -> Pa
 
 # ------------------------------------------------------------------------------------- scoring
 def _save_png(path: Path, arr: np.ndarray) -> None:
-    """Write via a temporary name in the same folder and rename, so a PNG that exists is complete."""
+    """Written atomically (`imageio.atomic_path`), so a PNG that exists is complete."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-    try:
+    from defusion_jax.imageio import atomic_path
+
+    with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    from defusion_jax.imageio import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def _file_sig(path) -> list[int]:
