@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from defusion_jax.imageio import atomic_path, atomic_write_bytes
+
 ROLES = {"ivf": ("ir", "vi"), "mef": ("under", "over"), "mff": ("A", "B")}
 GT_DIRS = ("GT", "gt")
 
@@ -123,15 +125,11 @@ def _save_png(path: Path, arr: np.ndarray) -> None:
     """Written atomically (`imageio.atomic_path`), so a PNG that exists is complete."""
     from PIL import Image
 
-    from defusion_jax.imageio import atomic_path
-
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
 def _write_json(path: Path, obj) -> None:
-    from defusion_jax.imageio import atomic_write_bytes
-
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
@@ -218,8 +216,7 @@ def score_item(job: dict) -> dict:
         ra, rb = ROLES[job["task"]]
         head = [(ra, a), (rb, b)] + ([("GT", gt)] if gt is not None else [])
         fname = f"{item.dataset}__{item.stem}.png" if job["multi"] else f"{item.stem}.png"
-        (out / "compare").mkdir(parents=True, exist_ok=True)
-        report.compare_grid(head + tiles).save(out / "compare" / fname)
+        _save_png(out / "compare" / fname, np.asarray(report.compare_grid(head + tiles)))
     return result
 
 
@@ -274,10 +271,6 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
         root.mkdir(parents=True, exist_ok=True)
         _write_json(root / MARKER, marker)
 
-    def to01(x):
-        x = x.astype(np.float32) / (65535.0 if x.dtype == np.uint16 else 255.0)
-        return np.repeat(x[..., None], 3, axis=2) if x.ndim == 2 else x
-
     bad: dict[Item, str] = {}
     todo = []
     for it in items:
@@ -302,7 +295,7 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
         if src is None:
             bad[it] = "; ".join(warnings)
             continue
-        f = model.fuse_image(to01(src[0]), to01(src[1]), task)
+        f = model.fuse_image(src[0], src[1], task)  # stored uint8/uint16/grey: the API's input rule scales them
         _save_png(png, np.clip(np.rint(np.asarray(f) * 255.0), 0, 255).astype(np.uint8))
         marker["pairs"][key] = sig
         _write_json(root / MARKER, marker)
@@ -480,7 +473,7 @@ def run(args) -> int:
     if not rows:
         raise UsageError("no fused image matched any pair (check the file stems)")
 
-    with open(args.out / "per_image.csv", "w", newline="") as fh:
+    with atomic_path(args.out / "per_image.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["image", "method", "metric", "value"], extrasaction="ignore")
         w.writeheader()
         for r in rows:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from defusion_jax.imageio import atomic_path, atomic_write_bytes
 from defusion_jax.metrics import parse_metric
 
 
@@ -95,7 +96,7 @@ def _ranks(values: dict[str, float], higher: bool | None) -> dict[str, int]:
 
 def write_summary_csv(path: Path, summary: Summary, methods: list[str], metrics: list[str]) -> None:
     """dataset, method, the metric means, then `n:<metric>`: how many images each mean covers."""
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["dataset", "method"] + metrics + [f"n:{k}" for k in metrics])
         for ds, by_method in summary.items():
@@ -184,7 +185,7 @@ def write_summary_md(path: Path, summary: Summary, methods, metrics, header_line
         m, variant = parse_metric(k)
         parts.append(f"| {k} | {m.convention}" + (f" [variant: {variant}]" if variant != "default" else "") + " |")
     text = "\n".join(parts) + "\n"
-    path.write_text(text, encoding="utf-8")
+    atomic_write_bytes(path, text.encode("utf-8"))
     return text
 
 

@@ -126,12 +126,15 @@ def test_model_without_network_code_is_a_clear_error(mff_data, capsys, monkeypat
 def test_model_fusion_path_with_a_stub(mff_data, monkeypatch):
     import types
 
+    from defusion_jax.exported import as_unit_float
+
     root, ds = mff_data
 
     class Stub:
         def fuse_image(self, a, b, task):
-            assert a.ndim == 3 and a.shape[-1] == 3 and a.dtype == np.float32 and task == "mff"
-            return np.maximum(a, b)
+            # the sources as stored: FusionModel.fuse_image scales them by the API's input rule
+            assert a.ndim == 3 and a.shape[-1] == 3 and a.dtype == np.uint8 and task == "mff"
+            return np.maximum(as_unit_float(a), as_unit_float(b))
 
     monkeypatch.setitem(sys.modules, "defusion_jax.api", types.SimpleNamespace(load_model=lambda p: Stub()))
     ckpt = root / "model.pth"
