@@ -67,7 +67,9 @@ class MetricWriter:
         self._purge_step = None
         self._jsonl = None
         self._remote_lines: list[str] | None = None
-        self._remote_every_s, self._remote_written = remote_every_s, 0.0
+        # -inf, not 0.0: time.monotonic() counts from boot, so within remote_every_s of a machine's
+        # start (a fresh CI container, a new pod VM) 0.0 held back the first row.
+        self._remote_every_s, self._remote_written = remote_every_s, -math.inf
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
