@@ -121,12 +121,14 @@ def fused_path(folder: str, item: Item, warnings: list[str] | None = None) -> Pa
 
 
 # ------------------------------------------------------------------------------------- scoring
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    """Written atomically (`imageio.atomic_path`), so a PNG that exists is complete."""
+def _save_png(path: Path, image) -> None:
+    """An array or a PIL image, written atomically (`imageio.atomic_path`), so a PNG that exists is complete."""
     from PIL import Image
 
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
     with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+        image.save(tmp, format="PNG")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -216,7 +218,7 @@ def score_item(job: dict) -> dict:
         ra, rb = ROLES[job["task"]]
         head = [(ra, a), (rb, b)] + ([("GT", gt)] if gt is not None else [])
         fname = f"{item.dataset}__{item.stem}.png" if job["multi"] else f"{item.stem}.png"
-        _save_png(out / "compare" / fname, np.asarray(report.compare_grid(head + tiles)))
+        _save_png(out / "compare" / fname, report.compare_grid(head + tiles))
     return result
 
 
