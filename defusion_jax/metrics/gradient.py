@@ -89,6 +89,8 @@ def nabf(a, b, f, variant: str = "default") -> float:
 
 def average_gradient(a, b, f) -> float:
     """AG: sum of sqrt((dx^2+dy^2)/2) over (H-1)(W-1), MATLAB `gradient` central differences (VIFB/Tang `AG`)."""
+    if min(f.shape) < 2:  # no gradient along a 1-pixel side, and (H-1)(W-1) = 0
+        return float("nan")
     gy, gx = np.gradient(f)
     s = np.sqrt((gx * gx + gy * gy) / 2.0)
     return float(s.sum() / ((f.shape[0] - 1) * (f.shape[1] - 1)))
@@ -104,6 +106,8 @@ def edge_intensity(a, b, f) -> float:
 
 def spatial_frequency(a, b, f, variant: str = "default") -> float:
     """SF: sqrt(RF^2 + CF^2) with RF, CF the RMS of row/column first differences (Tang `SF_evaluation.m`; 'tang2022': on [0,1])."""
+    if min(f.shape) < 2:  # no row (or column) differences to average
+        return float("nan")
     if variant == "tang2022":
         f = f / 255.0
     rf = np.mean(np.diff(f, axis=0) ** 2)
