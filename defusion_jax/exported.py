@@ -71,8 +71,8 @@ def as_unit_float(x, name: str = "image"):
     xp = np
     if on_device:
         import jax.numpy as xp
-    if dtype in (np.uint8, np.uint16):
-        return x.astype(xp.float32) / xp.float32(255 if dtype == np.uint8 else 65535)
+    if dtype.kind == "u" and dtype.itemsize in (1, 2):  # either byte order: Pillow gives '>u2' for I;16B
+        return x.astype(xp.float32) / xp.float32(255 if dtype.itemsize == 1 else 65535)
     if not _is_float(dtype):
         raise TypeError(f"{name}: {dtype} samples are not supported (their scale is ambiguous); pass floats "
                         "in [0, 1], uint8 (divided by 255) or uint16 (divided by 65535)")

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm")
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES + (".npy",)
 # Bit depths each output format can hold; 32 means float32 samples.
@@ -60,6 +60,22 @@ def is_image_file(path: str | os.PathLike) -> bool:
 # ---- reading ---------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike) -> ImageData:
     """Decode one image file; raises `ImageReadError` (one line) for anything unusable."""
+    arr, notes = read_stored(path)
+    path = Path(path)
+    pixels, depth = _to_float(arr, path)
+    if depth == 32 and not np.isfinite(pixels).all():  # one NaN would turn the whole fused image black
+        bad = pixels.size - int(np.isfinite(pixels).sum())
+        raise ImageReadError(f"{path}: {bad} of {pixels.size} float samples are NaN or infinite; "
+                             "only finite values can be fused")
+    if depth == 32 and pixels.size and (pixels.min() < 0 or pixels.max() > 1):
+        notes.append(f"float values span [{pixels.min():.3g}, {pixels.max():.3g}], outside [0, 1]; kept as is")
+    return ImageData(np.ascontiguousarray(pixels), depth, tuple(notes))
+
+
+def read_stored(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """Decode one image file into its samples as stored: (H, W, 1 or 3) uint8, uint16, bool or
+    float, native byte order, alpha dropped, EXIF orientation applied; and the notes. What
+    `read_image` scales to [0, 1], and what the metrics score (they take 8- and 16-bit data as is)."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
@@ -89,16 +105,11 @@ def read_image(path: str | os.PathLike) -> ImageData:
     if orientation not in (None, 1):
         arr = apply_orientation(arr, orientation)
         notes.append(f"EXIF orientation {orientation} applied")
-    pixels, depth = _to_float(arr, path)
-    if depth == 32 and not np.isfinite(pixels).all():  # one NaN would turn the whole fused image black
-        bad = pixels.size - int(np.isfinite(pixels).sum())
-        raise ImageReadError(f"{path}: {bad} of {pixels.size} float samples are NaN or infinite; "
-                             "only finite values can be fused")
-    if depth == 32 and pixels.size and (pixels.min() < 0 or pixels.max() > 1):
-        notes.append(f"float values span [{pixels.min():.3g}, {pixels.max():.3g}], outside [0, 1]; kept as is")
-    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
-        raise ImageReadError(f"{path}: empty image ({pixels.shape[0]}x{pixels.shape[1]})")
-    return ImageData(np.ascontiguousarray(pixels), depth, tuple(notes))
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(f"{path}: empty image ({arr.shape[0]}x{arr.shape[1]})")
+    if not arr.dtype.isnative:  # big-endian TIFF / .npy samples: '>u2' is uint16 all the same
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr, notes
 
 
 def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from defusion_jax.metrics.color import to_float255
 from defusion_jax.metrics.io import _read_image, list_stems, find_image
 
 
@@ -97,8 +98,8 @@ def generate(src: Path, out: Path, seed: int = 0, max_radius: float = 6.0, limit
     for stem in stems:
         path = find_image(src, stem)
         img = _read_image(path)
-        if img.dtype != np.uint8:
-            img = np.clip(np.rint(img.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+        if img.dtype != np.uint8:  # 16-bit or float sources: the set is 8-bit, as the benchmarks are
+            img = np.clip(np.rint(to_float255(img)), 0, 255).astype(np.uint8)
         # Per-image stream derived from the seed and the name: adding images does not change others.
         rng = np.random.default_rng([seed, zlib.crc32(stem.encode())])
         a, b, near, radius = make_pair(img, rng, max_radius)

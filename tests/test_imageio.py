@@ -192,3 +192,42 @@ def test_non_finite_floats_are_read_errors_and_never_quantized(tmp_path):
         write_image(tmp_path / "o.png", y, 16)
     assert not (tmp_path / "o.png").exists()
     np.testing.assert_array_equal(imageio.quantize(np.float32([-0.5, 0.5, 2.0]), 8), [0, 128, 255])
+
+
+def test_big_endian_16_bit_is_uint16(tmp_path):
+    """'>u2' samples (big-endian TIFFs, Pillow's I;16B, .npy) are 16-bit like any other."""
+    from defusion_jax.exported import as_unit_float
+
+    x = (np.arange(12 * 10, dtype=np.uint16) * 541).reshape(12, 10)
+    tifffile.imwrite(tmp_path / "be.tif", x, byteorder=">")
+    np.save(tmp_path / "be.npy", x.astype(">u2"))
+    for name in ("be.tif", "be.npy"):
+        img = read_image(tmp_path / name)
+        assert img.bit_depth == 16
+        np.testing.assert_array_equal(img.pixels[..., 0], x / np.float32(65535))
+    with Image.open(tmp_path / "be.tif") as im:  # what a user passes to the API as is
+        arr = np.asarray(im)
+    assert arr.dtype.byteorder == ">" or not arr.dtype.isnative
+    np.testing.assert_array_equal(as_unit_float(arr), x / np.float32(65535))
+
+
+def test_metrics_reader_decodes_like_fuse(tmp_path):
+    """evaluate scores what `fuse` reads: 16-bit colour stays 16-bit, planar TIFFs are whole,
+    float images are kept in [0, 1] and refused outside it, not rescaled by a guess."""
+    from defusion_jax.metrics.io import _read_image
+
+    rng = np.random.default_rng(3)
+    rgb16 = rng.integers(0, 65536, (9, 11, 3)).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "c16.png"), rgb16[..., ::-1])
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb16, -1, 0), photometric="rgb", planarconfig="separate")
+    for name in ("c16.png", "planar.tif"):
+        got = _read_image(tmp_path / name)
+        assert got.dtype == np.uint16, name
+        np.testing.assert_array_equal(got, rgb16, err_msg=name)
+    grey = rng.random((9, 11)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", grey)
+    np.testing.assert_array_equal(_read_image(tmp_path / "f.tif"), grey)
+    grey[0, 0] = 1.002  # an unclipped network output
+    tifffile.imwrite(tmp_path / "over.tif", grey)
+    with pytest.raises(ValueError, match=r"over\.tif: float image with values in \[.*1\.002\]"):
+        _read_image(tmp_path / "over.tif")
