@@ -270,6 +270,15 @@ def _check_not_inputs(pairs: list[Pair], a: Path, b: Path, out: Path, folder_mod
             if _same(out, src):
                 raise InputError(f"--out {out} is the {name} folder; the outputs would overwrite or be "
                                  "mistaken for the inputs: choose another folder")
+        owner: dict[Path, tuple[str, str]] = {}  # pair X's part X_common.png is pair X_common's fused image
+        for pair in pairs:
+            for kind, path in output_paths(pair.out, parts).items():
+                if path in owner:
+                    (other, other_kind) = owner[path]
+                    raise InputError(f"{path.name} would be both the {other_kind} output of pair {other!r} and "
+                                     f"the {kind} output of pair {pair.name!r}; rename one of them or fuse "
+                                     "them into separate --out folders")
+                owner[path] = (pair.name, kind)
         return
     for pair in pairs:
         for path in output_paths(pair.out, parts).values():

@@ -435,6 +435,21 @@ def test_outputs_never_overwrite_inputs(tmp_path, capsys, folders):
     assert not r.inputs and before == {p: p.read_bytes() for p in before}
 
 
+def test_outputs_of_two_pairs_never_share_a_name(tmp_path, capsys, folders):
+    """Pair `odd`'s common part `odd_common.png` would be pair `odd_common`'s fused image: the run is
+    refused before anything is fused, instead of one output silently replacing the other."""
+    a, b = folders
+    for d in (a, b):
+        (d / "odd_common.png").write_bytes((d / "odd.png").read_bytes())
+    r = StubRunner()
+    err = _one_line_error(capsys, _run(_args(task="mef", a=a, b=b, out=tmp_path / "o", save_decomposition=True), r))
+    assert "odd_common.png would be both the common output of pair 'odd' and the fused output of pair " \
+           "'odd_common'" in err, err
+    assert not r.inputs and not (tmp_path / "o").exists()
+    _run(_args(task="mef", a=a, b=b, out=tmp_path / "o"), r)  # no clash without the parts
+    assert (tmp_path / "o" / "odd.png").exists() and (tmp_path / "o" / "odd_common.png").exists()
+
+
 def test_nan_in_a_float_input_or_output_fails_clearly(tmp_path, capsys):
     import warnings
 
