@@ -56,7 +56,9 @@ class FusionModel:
         a = jnp.asarray(as_unit_float(a, "a"))
         b = jnp.asarray(as_unit_float(b, "b"))
         if a.ndim != 4 or b.ndim != 4:
-            raise ValueError(f"expected NHWC batches, got shapes {a.shape} and {b.shape}{nchw_hint(a.shape)}")
+            hint = nchw_hint(a.shape) or ("; one image: pass x[None], or use fuse_image() for any size"
+                                          if a.ndim == 3 else "")
+            raise ValueError(f"expected NHWC batches, got shapes {a.shape} and {b.shape}{hint}")
         if a.shape != b.shape:
             raise ValueError(f"the two inputs differ in shape: {a.shape} vs {b.shape}")
         if a.shape[-1] != 3:

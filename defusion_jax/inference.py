@@ -88,9 +88,14 @@ def to_model_input(x: np.ndarray, task: str) -> np.ndarray:
     if x.ndim == 2:
         x = x[..., None]
     if x.ndim != 3 or not 1 <= x.shape[-1] <= 4:
-        hint = (f"; {x.shape} looks like CxHxW: pass x.transpose(1, 2, 0)"
-                if x.ndim == 3 and x.shape[0] in (1, 3) else "")
+        hint = ""
+        if x.ndim == 3 and x.shape[0] in (1, 3):
+            hint = f"; {x.shape} looks like CxHxW: pass x.transpose(1, 2, 0)"
+        elif x.ndim == 4:
+            hint = "; a batch: pass one image (x[0]), or an NHWC batch to decompose()"
         raise ValueError(f"expected one HxW or HxWxC image with C in 1-4, got shape {x.shape}{hint}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"empty image (shape {x.shape})")
     if x.shape[-1] in (2, 4):
         x = x[..., :-1]
     if task == "ivf" and x.shape[-1] == 3:

@@ -531,6 +531,12 @@ def test_api_accepts_8_and_16_bit_arrays_and_rejects_wrong_scales(tiny_model):
         m.fuse(x.transpose(0, 3, 1, 2), x.transpose(0, 3, 1, 2))
     with pytest.raises(ValueError, match=r"looks like CxHxW: pass x.transpose\(1, 2, 0\)"):
         m.fuse_image(x[0].transpose(2, 0, 1), x[0].transpose(2, 0, 1), "mef")
+    with pytest.raises(ValueError, match=r"a batch: pass one image \(x\[0\]\)"):
+        m.fuse_image(x, x, "mef")
+    with pytest.raises(ValueError, match=r"one image: pass x\[None\]"):
+        m.decompose(x[0], x[0])
+    with pytest.raises(ValueError, match="empty image"):
+        m.fuse_image(x[0, :0], x[0, :0], "mef")
 
 
 def test_cli_refuses_float_files_outside_0_1(tmp_path, capsys):
