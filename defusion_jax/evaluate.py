@@ -390,7 +390,8 @@ def run(args) -> int:
         specs = [s for s in specs if s not in gt_specs]
         notes.append(f"{', '.join(gt_specs)} not computed: no ground truth (--gt DIR or a GT/ folder).")
     if not specs:
-        raise UsageError("no metric left to compute")
+        raise UsageError(f"no metric left to compute ({'; '.join(n.rstrip('.') for n in notes)})"
+                         if notes else "no metric left to compute")
     multi = len({it.dataset for it in items}) > 1
     n_all = len(items)
 

@@ -107,6 +107,16 @@ def test_bad_input_is_one_line_exit_2(mff_data, capsys, extra, message):
     assert rc == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0]
 
 
+def test_only_gt_metrics_without_gt_say_why(mff_data, capsys):
+    root, ds = mff_data
+    (root / "no_gt").mkdir()
+    rc = evaluate.main(["--task", "mff", "--pairs", str(ds), "--out", str(root / "o"), "--baseline", "average",
+                        "--metrics", "PSNR_gt", "--gt", str(root / "no_gt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "no metric left to compute (PSNR_gt not computed: no ground truth" in err[0], err
+
+
 def test_wrong_roles_exit_2(mff_data, capsys):
     root, ds = mff_data
     assert evaluate.main(["--task", "ivf", "--pairs", str(ds), "--baseline", "average", "--out", str(root / "b")]) == 2
