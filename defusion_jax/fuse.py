@@ -188,6 +188,8 @@ def _depth_for(path: Path, want: int) -> tuple[int, str | None]:
     if want in ok:
         return want, None
     got = max(d for d in ok if d <= want) if any(d <= want for d in ok) else min(ok)
+    if got > want:  # deeper than asked (.npy floats for 8-bit sources): nothing lost, nothing to say
+        return got, None
     return got, f"{path.suffix} holds {'/'.join(map(str, ok))}-bit samples: writing {got}-bit instead of {want}-bit"
 
 

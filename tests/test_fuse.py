@@ -665,3 +665,11 @@ def test_api_runs_at_the_clis_matmul_precision_by_default(tiny_model, monkeypatc
     finally:
         jax.config.update("jax_default_matmul_precision", "highest")
     assert seen == ["highest", "highest", "highest", "high", None, "default"]
+
+
+def test_depth_note_only_when_samples_are_lost():
+    from defusion_jax.fuse import _depth_for
+
+    assert _depth_for(Path("x.jpg"), 16) == (8, ".jpg holds 8-bit samples: writing 8-bit instead of 16-bit")
+    assert _depth_for(Path("x.npy"), 8) == (32, None)  # floats hold 8-bit data exactly: no note per pair
+    assert _depth_for(Path("x.png"), 16) == (16, None)
