@@ -21,11 +21,13 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from defusion_jax import exported
 from defusion_jax.imageio import atomic_path, atomic_write_bytes
 
 ROLES = {"ivf": ("ir", "vi"), "mef": ("under", "over"), "mff": ("A", "B")}
@@ -256,6 +258,11 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
 
     def load():
         try:
+            if Path(model_path).is_dir() and exported.is_export_dir(model_path):  # `fuse --model` takes these too
+                from defusion_jax import inference
+
+                runner = inference.ExportedRunner(exported.load(model_path))
+                return types.SimpleNamespace(fuse_image=lambda a, b, task: inference.fuse_pair(runner, a, b, task))
             return load_model(model_path)
         except Exception as exc:  # noqa: BLE001 - any load failure is a user-facing input problem
             raise UsageError(f"--model {model_path}: {exc}")
@@ -344,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    type=lambda s: ("fused", s), help="a method's fused images (repeatable); a bare NAME is a baseline")
     p.add_argument("--baseline", dest="methods", action="append", metavar="NAME", type=lambda s: ("baseline", s),
                    help=f"classical baseline fused on the fly (repeatable): {', '.join(BASELINES)}")
-    p.add_argument("--model", help="DeFusion++ checkpoint to fuse with on the fly (method name DeFusion++)")
+    p.add_argument("--model", help="DeFusion++ model to fuse with on the fly (method name DeFusion++): a checkpoint, workdir, converted folder or export folder")
     p.add_argument("--gt", type=Path, help="ground-truth folder (by stem; default: a GT/ folder in the dataset)")
     p.add_argument("--metrics", default="paper",
                    help="comma list of metrics NAME[:variant] and sets: paper (per task), vifb, ivf, tang2022, all")

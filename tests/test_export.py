@@ -109,6 +109,21 @@ def test_fuse_cli_runs_an_export(export_dir, shared_dir, tmp_path, capsys):
     assert rc == 2 and "needs a checkpoint" in err and "\n" not in err
 
 
+def test_evaluate_scores_an_export_as_fuse_writes_it(export_dir, shared_dir, tmp_path):
+    from defusion_jax import evaluate
+
+    ds = tmp_path / "mff" / "Crop"
+    for r in ("A", "B"):
+        (ds / r).mkdir(parents=True)
+        Image.open(shared_dir / "data/mff/MFIFB_other" / r / "savic_01.jpg").crop((0, 0, 112, 80)).save(ds / r / "s.png")
+    assert evaluate.main(["--task", "mff", "--pairs", str(ds), "--model", str(export_dir), "--metrics", "EN",
+                          "--out", str(tmp_path / "ev"), "--workers", "1", "--no-compare"]) == 0
+    assert fuse.main(["--model", str(export_dir), "--task", "mff", "--a", str(ds / "A" / "s.png"), "--b",
+                      str(ds / "B" / "s.png"), "--out", str(tmp_path / "f.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ev/fused/DeFusion++/Crop/s.png")),
+                                  np.asarray(Image.open(tmp_path / "f.png")))
+
+
 def test_bad_exports_and_models(export_dir, tmp_path, capsys):
     assert export_cli.main(["--model", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x")]) == 2
     assert "cannot load model" in capsys.readouterr().err
