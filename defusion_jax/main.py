@@ -39,8 +39,14 @@ def _flag_error_message(e: BaseException) -> str:
     get_config in a message holding the whole traceback; its last line is the error itself."""
     text = str(e).strip()
     if isinstance(e, (KeyError, AttributeError)):
-        found = re.search(r"""Key "([^"]+)" does not exist""", text) or re.search(r"""['"]([^'"]+)['"]""", text)
-        text = f"no such config field: {found.group(1) if found else text}"
+        inner = e  # ml_collections raises AttributeError(KeyError("'batchsize'\nDid you mean ...")): read the KeyError's text
+        while inner.args and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        raw = inner.args[0] if inner.args and isinstance(inner.args[0], str) else text
+        found = re.search(r"""Key "([^"]+)" does not exist""", raw) or re.search(r"""['"]([^'"\\]+)['"]""", raw)
+        close = re.search(r'Did you mean "([^"]+)"', raw)
+        text = (f"no such config field: {found.group(1) if found else raw}"
+                + (f" (did you mean {close.group(1)}?)" if close else ""))
     if "Traceback (most recent call last)" in text:
         flag_part = text.split(":", 2)[:2] if text.startswith("flag ") else []
         last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()

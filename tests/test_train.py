@@ -430,6 +430,7 @@ def test_config_json_is_written_after_restore_and_changes_are_named(smoke, tmp_p
 @pytest.mark.parametrize("override,expect", [
     ("--config.optim.lrr=1", "no such config field: optim"),
     ("--config.optimizer.lrr=1", "no such config field: lrr"),
+    ("--config.batchsize=8", "no such config field: batchsize (did you mean batch_size?)"),
     ("--config.total_steps=abc", "invalid literal for int()"),
     ("--config=configs/pretrian.py:smoke", "No such file or directory: 'configs/pretrian.py'"),
     ("--config=configs/pretrain.py:smok", "unknown config arguments ['smok']"),
