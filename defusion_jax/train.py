@@ -47,6 +47,9 @@ class NonFiniteLoss(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; the message names the steps."""
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")  # the activations' type; parameters and optimiser state stay float32
+
+
 class ConfigError(ValueError):
     """The run cannot start as configured (batch size, mesh, data, teacher...); one-line message."""
 
@@ -364,6 +367,10 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     # ================================ Mesh =======================================================
     if int(config.batch_size) <= 0:
         raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
+    if int(_cfg_get(config, "keep_checkpoints", 3)) < 1:  # 0 would save nothing, and a rerun start over
+        raise ConfigError(f"keep_checkpoints must be at least 1, got {config.keep_checkpoints}")
+    if str(_cfg_get(config, "compute_dtype", "float32")) not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {config.compute_dtype!r}")
     with _startup("mesh"):
         mesh = sh.make_mesh(config.mesh, _cfg_get(config, "mesh_axis_types", "auto"))
         if int(config.batch_size) % pcount:

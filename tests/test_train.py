@@ -454,6 +454,10 @@ def test_start_up_mistakes_are_one_config_error(tmp_path):
             train_here(workdir, **QUIET)
     with pytest.raises(train.ConfigError, match="batch_size must be positive"):
         train_here(tmp_path / "b", batch_size=0, **QUIET)
+    with pytest.raises(train.ConfigError, match="keep_checkpoints must be at least 1, got 0"):
+        train_here(tmp_path / "k", keep_checkpoints=0, **QUIET)  # it would save nothing and call it saved
+    with pytest.raises(train.ConfigError, match="compute_dtype must be one of float32, bfloat16, got 'bf16'"):
+        train_here(tmp_path / "d", compute_dtype="bf16", **QUIET)
     with pytest.raises(train.ConfigError, match=r"^config.init=/nonexist: "):
         train_here(tmp_path / "i", init="/nonexist", **QUIET)
     with pytest.raises(train.ConfigError, match=r"^config.resume=/nonexist: "):
