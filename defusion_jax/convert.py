@@ -152,9 +152,16 @@ def load_official(path, model_config: Mapping | None = None):
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
+def _save(output, params, cfg, meta):
+    try:
+        return save_params(output, params, cfg, meta)
+    except OSError as e:  # --output on a file, or somewhere not writable
+        raise CheckpointError(f"cannot write {output}: {e.strerror or e}") from None
+
+
 def _cmd_official(args) -> int:
     params, cfg, notes = load_official(args.input)
-    out = save_params(args.output, params, cfg, {"source": str(args.input), "converter": "official"})
+    out = _save(args.output, params, cfg, {"source": str(args.input), "converter": "official"})
     for n in notes:
         print(f"note: {n}")
     n = sum(int(np.prod(v.shape)) for v in flatten(params).values())
@@ -168,7 +175,7 @@ def _cmd_random(args) -> int:
 
     cfg = {"multimodal": False}
     params = jax.jit(lambda r: init_params(build_model(cfg), r))(jax.random.key(args.seed))
-    out = save_params(args.output, jax.device_get(params), cfg,
+    out = _save(args.output, jax.device_get(params), cfg,
                       {"source": f"random init, seed {args.seed}", "converter": "random",
                        "warning": "random weights: outputs are not meaningful"})
     print(f"wrote a RANDOMLY INITIALISED official network (seed {args.seed}) to {out}")

@@ -200,3 +200,9 @@ def test_convert_cli_and_load_model(tmp_path, official_sd):
     r = subprocess.run([sys.executable, "-m", "defusion_jax.convert", "official", "--input", str(bad),
                         "--output", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # An --output that cannot be written (a file there): the same.
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "defusion_jax.convert", "official", "--input", str(src),
+                        "--output", str(tmp_path / "afile")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith(f"error: cannot write {tmp_path / 'afile'}: "), r.stderr
