@@ -66,6 +66,22 @@ def _startup(what: str, also=()):
         raise ConfigError(f"{what}: {' '.join(str(e).split())}") from None
 
 
+REPORT_MARK = "final_report.json"  # {"step": N}: the task's final report of step N is complete
+
+
+def _report_done(workdir, step: int) -> bool:
+    """Whether the final report of `step` was completed, agreed by every process (it has collectives)."""
+    try:
+        done = json.loads((workdir / REPORT_MARK).read_text()).get("step") == step
+    except (OSError, ValueError, AttributeError):
+        done = False
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    return done
+
+
 def _check_workdir(workdir) -> None:
     """A local workdir must be a folder or not exist yet; a file on its path is a config error."""
     if paths.is_url(workdir):
@@ -495,7 +511,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
             pending = [(s, jax.device_get(m)) for s, m in pending]
             _check_finite(pending, last_checked, ckpt.latest_step())
             last_checked = step
-            if step % log_every == 0 or last:
+            if step % log_every == 0 or last or preempted:  # a stop keeps the steps since the last row
                 values = _mean_metrics(pending)
                 values["data/skipped_images"] = pipeline.skipped_files()
                 speed = progress.report(step)
@@ -535,9 +551,14 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
             status = "stopped"
             logging.info("stop_after=%d reached at step %d; checkpoint saved", stop_after, step)
             break
-    else:
-        if first_step < total:
+    else:  # the last step is done: the task's report, once (a run stopped during it writes it when rerun)
+        if first_step < total or not _report_done(workdir, step):
+            if first_step >= total:
+                logging.info("writing the final report of step %d (the run that reached it stopped before "
+                             "finishing it)", step)
             with paths.staged(workdir) as local:
                 task.final_report(state["params"], frozen, str(local))
+            if pidx == 0:
+                paths.write_text_whole(workdir / REPORT_MARK, json.dumps({"step": step}) + "\n")
     ckpt.wait()  # the step reported is on disk
     return {"status": status, "step": step, "checkpoint": ckpt.latest_step(), "workdir": str(workdir)}

@@ -170,6 +170,40 @@ def test_sigterm_checkpoints_and_the_same_run_resumes(smoke, tmp_path, signum):
     assert [logged[s] for s in range(1, stopped + 3)] == [reference[s] for s in range(1, stopped + 3)]
 
 
+def test_a_final_report_cut_short_is_written_by_the_next_run(tmp_path, monkeypatch):
+    """A run that dies (or is stopped) during its last step or its final report (segment/detect
+    reports, the MAE teacher export) leaves a checkpoint at total_steps; rerunning the command
+    writes the report instead of saying 'nothing to do' for ever; once written, it is not redone."""
+    from defusion_jax.tasks.pretrain import PretrainTask
+
+    calls = []
+
+    def report(self, params, frozen, workdir):
+        calls.append(workdir)
+        if len(calls) == 1:
+            raise RuntimeError("killed during the report")
+        (Path(workdir) / "report.txt").write_text("done")
+
+    monkeypatch.setattr(PretrainTask, "final_report", report)
+    with pytest.raises(RuntimeError, match="killed during the report"):
+        train_here(tmp_path, total_steps=2, **QUIET)
+    assert checkpoints.Checkpointer(tmp_path / checkpoints.CKPT_DIR, read_only=True).latest_step() == 2
+    again = train_here(tmp_path, total_steps=2, **QUIET)
+    assert again["step"] == 2 and len(calls) == 2 and (tmp_path / "report.txt").read_text() == "done"
+    assert json.loads((tmp_path / train.REPORT_MARK).read_text()) == {"step": 2}
+    train_here(tmp_path, total_steps=2, **QUIET)
+    assert len(calls) == 2
+
+
+def test_a_stop_between_log_rows_logs_the_steps_since_the_last_row(tmp_path, monkeypatch):
+    """A preemption notice at step 3 with log_every 1000: the row of steps 1-3 is written with the
+    checkpoint, not lost (the resumed run's rows start after the checkpoint)."""
+    monkeypatch.setattr(checkpoints.Checkpointer, "reached_preemption", lambda self, step: step == 3)
+    result = train_here(tmp_path, **{**QUIET, "log_every": 1000})
+    assert result["status"] == "preempted" and result["checkpoint"] == 3
+    assert [r["step"] for r in logging_utils.read_metrics(tmp_path)] == [3]
+
+
 def test_overfits_two_images(smoke, tmp_path):
     """Two fixed images (no crop, jitter or flip): the CUD + MFM loss at least halves in 40 steps."""
     data = tmp_path / "two"
