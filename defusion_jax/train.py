@@ -40,7 +40,7 @@ from defusion_jax import checkpoints, logging_utils, paths
 from defusion_jax import sharding as sh
 from defusion_jax.data import pipeline
 from defusion_jax.params_io import CheckpointError
-from defusion_jax.tasks import get_task
+from defusion_jax.tasks import INIT_REPORT, get_task, read_init_report
 
 
 class NonFiniteLoss(RuntimeError):
@@ -439,6 +439,11 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
             _check_restorable(ckpt, ckpt.latest_step(), abstract_state, str(workdir))
             state = ckpt.restore(ckpt.latest_step(), abstract_state, train_iter)
             origin = f"resumed {workdir} at step {ckpt.latest_step()}"
+            if (init_report := read_init_report(workdir)) is not None:  # what config.init loaded, for the report
+                task.init_report = init_report
+            if _cfg_get(config, "init"):
+                logging.warning("config.init=%s is not loaded: the run resumes from its own checkpoint (step %d); "
+                                "use a new workdir to start from it", config.init, ckpt.latest_step())
         elif _cfg_get(config, "resume"):
             with _startup(f"config.resume={config.resume}", also=(OSError, CheckpointError)):
                 src_dir, src_step = checkpoints.locate(config.resume)
@@ -472,6 +477,8 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
                 logging.warning("config changed since the last run in %s: %s", workdir, line)
         paths.write_text_whole(saved, _config_json(config))
         checkpoints.write_model_config(workdir, task.model_config(), {"task": config.task, "source": str(workdir)})
+        if getattr(task, "init_report", None):
+            paths.write_text_whole(workdir / INIT_REPORT, json.dumps(task.init_report, indent=1, default=str) + "\n")
 
     # ================================ Update step ================================================
     step_fn = _memo(programs, "step", lambda: jit_train_step(train_step, mesh, state_sharding))

@@ -105,6 +105,7 @@ def test_reevaluation_cli_reproduces_the_report(overfit_run):
     after = json.loads((workdir / "report_train" / "metrics.json").read_text())
     assert after["confusion_matrix"] == before["confusion_matrix"]
     assert after["step"] == 150
+    assert after["init"] == before["init"] and after["init"]["loaded"] > 0  # where the backbone came from
 
 
 def test_load_init_params_takes_only_the_backbone(tmp_path):

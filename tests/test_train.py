@@ -204,6 +204,27 @@ def test_a_stop_between_log_rows_logs_the_steps_since_the_last_row(tmp_path, mon
     assert [r["step"] for r in logging_utils.read_metrics(tmp_path)] == [3]
 
 
+def test_the_init_record_survives_a_resume(smoke, tmp_path, monkeypatch, caplog):
+    """What config.init loaded (segment/detect reports print it) is saved in the workdir, so a
+    resumed run's final report still names it; config.init is not loaded again, and says so."""
+    from defusion_jax.tasks.pretrain import PretrainTask
+
+    load, seen = PretrainTask.load_init_params, []
+
+    def load_and_record(self, path, shape):
+        self.init_report = {"source": str(path), "loaded": 7}
+        return load(self, path, shape)
+
+    monkeypatch.setattr(PretrainTask, "load_init_params", load_and_record)
+    monkeypatch.setattr(PretrainTask, "final_report", lambda self, *a: seen.append(getattr(self, "init_report", None)))
+    init = str(smoke[0] / "checkpoints" / "8")
+    assert train_here(tmp_path, init=init, total_steps=3, stop_after=1, **QUIET)["status"] == "stopped"
+    with caplog.at_level("WARNING"):
+        train_here(tmp_path, init=init, total_steps=3, **QUIET)
+    assert seen == [{"source": init, "loaded": 7}]
+    assert any(f"config.init={init} is not loaded" in r.getMessage() for r in caplog.records)
+
+
 def test_overfits_two_images(smoke, tmp_path):
     """Two fixed images (no crop, jitter or flip): the CUD + MFM loss at least halves in 40 steps."""
     data = tmp_path / "two"

@@ -134,6 +134,21 @@ def get_task(name: str) -> type[Task]:
     raise ValueError(f"unknown task {name!r}: no module defusion_jax/tasks/{name}.py (nor an importable {name!r})")
 
 
+# ---- where a fine-tuned backbone came from ----------------------------------------------------------
+INIT_REPORT = "init_report.json"  # the `init_report` of the run that loaded config.init, for its reports
+
+
+def read_init_report(workdir) -> dict | None:
+    """The init report the trainer saved in `workdir` when it loaded config.init, or None."""
+    import json
+
+    try:
+        report = json.loads((workdir / INIT_REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
 # ---- re-evaluating a finished workdir (`python -m defusion_jax.tasks.<name> --workdir DIR`) --------
 def restore_for_eval(workdir, task_name: str, edit=None):
     """(task, replicated params, config, checkpoint meta) of a finished `task_name` run, rebuilt from
@@ -159,6 +174,7 @@ def restore_for_eval(workdir, task_name: str, edit=None):
         edit(config)
     mesh = sh.make_mesh(config.mesh, config.get("mesh_axis_types", "auto"))
     task = get_task(task_name)(config, mesh)
+    task.init_report = read_init_report(wd)
     return task, jax.device_put(params, sh.replicated(mesh)), config, meta
 
 

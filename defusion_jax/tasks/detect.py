@@ -240,7 +240,7 @@ def evaluate_workdir(workdir: str, split: str | None = None) -> dict:
         acc, kept = task.run_eval(params, s, keep=int(config.eval.get("drawings", 4)))
         results[s] = write_report(Path(workdir) / REPORT_DIR, acc, kept, class_names=task.class_names,
                                   modality=str(config.modality), split=s, data_kind=str(config.data.kind),
-                                  step=meta.get("step"))
+                                  init_report=task.init_report, step=meta.get("step"))
     return results
 
 

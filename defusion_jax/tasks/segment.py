@@ -321,7 +321,7 @@ def evaluate_workdir(workdir: str, split: str | None = None) -> dict:
     out = Path(workdir) / (REPORT_DIR if not split else f"{REPORT_DIR}_{split}")
     paths = write_report(out, cm, kept, n_images=n, class_names=task.class_names, modality=task.modality,
                          split=str(config.eval.split), synthetic=bool(as_dict(config.data.get("synthetic"))),
-                         step=meta.get("step"))
+                         init_report=task.init_report, step=meta.get("step"))
     return {"scores": seg_metrics.scores(cm), "paths": paths}
 
 
