@@ -225,6 +225,34 @@ def test_the_init_record_survives_a_resume(smoke, tmp_path, monkeypatch, caplog)
     assert any(f"config.init={init} is not loaded" in r.getMessage() for r in caplog.records)
 
 
+def test_init_crosses_between_cud_only_and_multimodal_networks(smoke, tmp_path):
+    """config.init from a CUD-only network (the official UCMIMNet's kind, mm_ratio 0) into one with
+    the Eq. 6 heads starts those heads fresh, the other way drops them; every other array is the
+    source's. A source of another architecture is refused, naming the arrays that differ."""
+    from defusion_jax import sharding as sh
+    from defusion_jax.models.defusion import MULTIMODAL_ONLY
+    from defusion_jax.params_io import save_params
+    from defusion_jax.tasks import check_same_structure, get_task
+
+    params, model_cfg, _ = checkpoints.load_params_from_workdir(smoke[0])
+    cud = save_params(tmp_path / "cud", {k: v for k, v in params.items() if k not in MULTIMODAL_ONLY},
+                      {**model_cfg, "multimodal": False})
+    mesh = sh.make_mesh((("data", -1),))
+    for mm_ratio, source in ((0.25, cud), (0.0, smoke[0])):
+        task = get_task("pretrain")(smoke_config(mm_ratio=mm_ratio), mesh)
+        shape = jax.eval_shape(task.init_params, jax.random.key(0))
+        got = task.load_init_params(str(source), shape)
+        assert jax.tree.structure(got) == jax.tree.structure(shape)
+        for k in got:
+            if k not in MULTIMODAL_ONLY:
+                jax.tree.map(np.testing.assert_array_equal, got[k], params[k])
+        assert (set(MULTIMODAL_ONLY) <= set(got)) == (mm_ratio > 0)
+    with pytest.raises(ValueError, match=r"x: parameter tree does not match the model being trained: 1 arrays of the "
+                                         r"model are not in it \(e.g. b/w\); 1 of its arrays are not in the model "
+                                         r"\(e.g. a/w\)"):
+        check_same_structure({"a": {"w": np.zeros(1)}}, {"b": {"w": np.zeros(1)}}, "x")
+
+
 def test_overfits_two_images(smoke, tmp_path):
     """Two fixed images (no crop, jitter or flip): the CUD + MFM loss at least halves in 40 steps."""
     data = tmp_path / "two"

@@ -28,6 +28,9 @@ from defusion_jax.models.cross_attention import CABlock
 from defusion_jax.models.vit import Block, random_masking, restore_masked_tokens, vit_from_config
 
 DIRECTIONS = ("q_view2", "q_view1")
+# The parameters only a multi-modal network (MCUD, `multimodal=True`) has: the Eq. 6 heads
+# (its mm_common_norm has neither scale nor bias).
+MULTIMODAL_ONLY = ("mm_unique_norm1", "mm_unique_norm2", "latent_predict1", "latent_predict2")
 
 # The official network (TinyMIM ViT-T encoder; drop-path 0.1 on blocks 0-10, 0 on block 11).
 OFFICIAL_ENCODER = dict(variant="Ti-mim", eps=1e-6, drop_path=(0.1,) * 11 + (0.0,), posemb="sincos")
@@ -138,7 +141,7 @@ class DeFusionPP(nn.Module):
         self.mim_decoder_blocks = [blk() for _ in range(self.mfm_decoder_depth)]
         self.mim_decoder_norm = ln()
         self.mim_decoder_pred = dense(out)
-        if self.multimodal:
+        if self.multimodal:  # MULTIMODAL_ONLY
             self.mm_common_norm = ln(use_scale=False, use_bias=False)
             self.mm_unique_norm1, self.mm_unique_norm2 = ln(), ln()
             self.latent_predict1, self.latent_predict2 = dense(self.teacher_dim), dense(self.teacher_dim)

@@ -110,7 +110,14 @@ def check_same_structure(params, params_shape, source: str = "init"):
     got = jax.tree_util.tree_structure(params)
     want = jax.tree_util.tree_structure(params_shape)
     if got != want:
-        raise ValueError(f"{source}: parameter tree does not match the model being trained")
+        def names(tree):
+            return {"/".join(str(getattr(k, "key", k)) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+        have, need = names(params), names(params_shape)
+        diff = [f"{len(d)} {what} (e.g. {', '.join(sorted(d)[:3])})" for d, what in
+                ((need - have, "arrays of the model are not in it"), (have - need, "of its arrays are not in the model"))
+                if d]
+        raise ValueError(f"{source}: parameter tree does not match the model being trained: {'; '.join(diff) or 'nesting differs'}")
     bad = [f"{a.shape} vs {b.shape}" for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_shape))
            if tuple(a.shape) != tuple(b.shape)]
     if bad:

@@ -25,8 +25,8 @@ from defusion_jax import losses as L
 from defusion_jax import sharding as sharding_lib
 from defusion_jax import views as V
 from defusion_jax.data import pipeline, sources
-from defusion_jax.models.defusion import DeFusionPP, build_model, init_params
-from defusion_jax.tasks import Task, as_dict
+from defusion_jax.models.defusion import MULTIMODAL_ONLY, DeFusionPP, build_model, init_params
+from defusion_jax.tasks import Task, as_dict, check_same_structure
 
 TEACHER_HELP = (
     "Convert the MAE ViT-B/16 weights once with `python -m defusion_jax.convert vit --input "
@@ -73,6 +73,28 @@ class PretrainTask(Task):
     # ---- model -------------------------------------------------------------------------------
     def init_params(self, rng):
         return init_params(self.model, rng, self.image_size)
+
+    def load_init_params(self, path: str, params_shape: Any):
+        """config.init: parameters of a workdir, converted folder or official checkpoint. Between a
+        CUD-only network (the official UCMIMNet, mm_ratio 0) and a multi-modal one only the Eq. 6 heads
+        differ (`MULTIMODAL_ONLY`): heads the source lacks start as in a from-scratch run of this
+        config, heads this model lacks are dropped; the log names them."""
+        from defusion_jax.api import load_model
+
+        source = dict(load_model(path).params)
+        added = [k for k in MULTIMODAL_ONLY if k in params_shape and k not in source]
+        dropped = [k for k in MULTIMODAL_ONLY if k in source and k not in params_shape]
+        if added:
+            rng_init = jax.random.split(jax.random.key(int(self.config.seed)))[0]  # the trainer's init key
+            fresh = jax.device_get(jax.jit(self.init_params)(rng_init))
+            source.update({k: fresh[k] for k in added})
+        for k in dropped:
+            del source[k]
+        if added or dropped:
+            logging.info("config.init=%s: %s", path, "; ".join(
+                f"{what} the multi-modal heads {', '.join(ks)}" for ks, what in
+                ((added, "initialised fresh"), (dropped, "dropped")) if ks))
+        return check_same_structure(source, params_shape, path)
 
     def model_config(self) -> dict:
         cfg = {k: v for k, v in self._model_cfg.items() if k != "dtype"}
