@@ -5,6 +5,7 @@ single-modality inputs, backbone transplant and the missing-dataset message."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,17 @@ def test_load_init_params_takes_only_the_backbone(tmp_path):
     assert task.init_report["loaded"] == len(got) and task.init_report["dropped"] == len(src) - len(got)
     assert jax.tree.structure(shape) == jax.tree.structure(params)
     assert set(task.init_head(jax.random.key(1))) == {"pyramid", "decode_head"}  # head alone, same tree
+    # settings no parameter shape shows: the checkpoint's weights would run as another function
+    for field, value, said in (("heads", 8, "heads 4 (checkpoint) vs 8 (config)"),
+                               ("eps", 1e-6, "eps 1e-05 (checkpoint) vs 1e-06 (config)")):
+        other = get_config("smoke")
+        other.model.backbone[field] = value
+        with pytest.raises(ValueError, match=re.escape(said)):
+            segment.SegmentTask(other, mesh()).load_init_params(str(folder), None)
+    other = get_config("smoke")
+    other.model.backbone.vit.heads = 4
+    with pytest.raises(ValueError, match=r"vit.heads \(2, 2\) \(checkpoint\) vs \(4, 4\) \(config\)"):
+        segment.SegmentTask(other, mesh()).load_init_params(str(folder), None)
     cfg.model.backbone.dim = 32  # a backbone that does not match the checkpoint: one clear error
     with pytest.raises(ValueError, match="config.model.backbone must describe"):
         segment.SegmentTask(cfg, mesh()).load_init_params(str(folder), None)

@@ -84,9 +84,11 @@ class DetectTask(Task):
         """Backbone from a pretraining workdir / converted folder / official checkpoint; the pyramid
         and heads as a from-scratch run of this config initialises them."""
         from defusion_jax.api import load_model
-        from defusion_jax.tasks.segment import transplant_backbone
+        from defusion_jax.tasks.segment import check_same_settings, transplant_backbone
 
-        source = load_model(path).params
+        loaded = load_model(path)
+        check_same_settings(loaded.module, self._model_cfg["backbone"])
+        source = loaded.params
         rng_init = jax.random.split(jax.random.key(int(self.config.seed)))[0]  # the trainer's init key
         # Only the heads are initialised here (what a from-scratch run gives them; see
         # DeFusionDetector.initialize_heads): no second compile of the whole model's init.
@@ -98,7 +100,7 @@ class DetectTask(Task):
         try:
             params["backbone"], report = transplant_backbone(source, target)
         except ValueError as e:
-            raise ValueError(f"config.init={path}: {e}") from None
+            raise ValueError(str(e)) from None  # the trainer prefixes config.init=PATH
         self.init_report = {"source": str(path), **report}
         logging.info("config.init=%s: loaded %d backbone parameters into %s; dropped %d pretraining parameters "
                      "of %s", path, report["loaded"], ", ".join(report["loaded_modules"]), report["dropped"],

@@ -101,6 +101,25 @@ def transplant_backbone(source: Mapping, target: Mapping) -> tuple[dict, dict]:
     return out, report
 
 
+def check_same_settings(source: DeFusionPP, backbone_cfg: Mapping) -> None:
+    """Raise ValueError when the checkpoint's network (`load_model(path).module`) and the backbone
+    `config.model.backbone` describes differ in settings no parameter shape shows (head counts,
+    LayerNorm eps, position embedding): its weights would load into another function."""
+    from defusion_jax.models.defusion import OFFICIAL_ENCODER, build_model
+    from defusion_jax.models.vit import as_heads, vit_from_config
+
+    def settings(m: DeFusionPP) -> dict:
+        enc = vit_from_config(dict(OFFICIAL_ENCODER if m.vit is None else m.vit))
+        return {"heads": m.heads, "eps": m.eps, "vit.heads": as_heads(enc.heads, enc.depth), "vit.eps": enc.eps,
+                "vit.posemb": enc.posemb}
+
+    have, want = settings(source), settings(build_model(dict(backbone_cfg)))
+    diff = [f"{k} {have[k]} (checkpoint) vs {want[k]} (config)" for k in have if have[k] != want[k]]
+    if diff:
+        raise ValueError(f"the checkpoint's network differs from config.model.backbone in {'; '.join(diff)}; set "
+                         "config.model.backbone as the checkpoint's model.json has it")
+
+
 class SegmentTask(Task):
     console_keys = ("seg/ce", "seg/pixel_acc")
 
@@ -160,7 +179,9 @@ class SegmentTask(Task):
         and head as a from-scratch run of this config initialises them."""
         from defusion_jax.api import load_model
 
-        source = load_model(path).params
+        loaded = load_model(path)
+        check_same_settings(loaded.module, self._model_cfg["backbone"])
+        source = loaded.params
         # The trainer's init key (train.py: split(key(seed))[0]); Flax derives each module's key from
         # its path, so the head comes out exactly as in a from-scratch run of this config.
         rng_init = jax.random.split(jax.random.key(int(self.config.seed)))[0]
@@ -168,7 +189,7 @@ class SegmentTask(Task):
         try:
             backbone, report = transplant_backbone(source, backbone_shape)
         except ValueError as e:
-            raise CheckpointError(f"config.init={path}: {e}") from None  # main: one line, exit 2
+            raise CheckpointError(str(e)) from None  # main: one line, exit 2 (the trainer prefixes config.init=PATH)
         params = {**jax.device_get(self.init_head(rng_init)), "backbone": backbone}
         self.init_report = {"source": str(path), **report}
         logging.info("config.init=%s: loaded %d backbone parameters (%s values) into %s; dropped %d pretraining "
