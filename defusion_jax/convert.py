@@ -71,7 +71,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[s
     """
     fixed_tables = dict(fixed_tables or {})
     optional = [re.compile(p) for p in optional]
-    flat, notes, unexpected, bad_shape = {}, [], [], []
+    flat, notes, unexpected, bad_shape, misshapen = {}, [], [], [], set()
     for k, v in state_dict.items():
         if k in fixed_tables:
             want = fixed_tables.pop(k)
@@ -87,17 +87,16 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[s
             unexpected.append(k)
         elif tuple(fv.shape) != tuple(expected[fk]):
             bad_shape.append(f"{k} {tuple(v.shape)} (expected {tuple(expected[fk])} after re-layout)")
+            misshapen.add(fk)
         else:
             flat[fk] = np.ascontiguousarray(fv, dtype=np.float32)
-    missing = [torch_key(k) for k in expected if k not in flat]
+    missing = [torch_key(k) for k in expected if k not in flat and k not in misshapen]
     if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if bad_shape:
-            parts.append(f"wrong shapes {bad_shape}")
+        def few(items):  # a wholly different network has hundreds: counts and the first three
+            return f"{len(items)} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+
+        parts = [f"{what} {few(items)}" for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                            ("wrong shapes", bad_shape)) if items]
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
     return flat, notes
 

@@ -34,6 +34,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     and `module.`-prefixed keys (DataParallel). Half precision is upcast to float32.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a checkpoint file (.pth or .safetensors)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
