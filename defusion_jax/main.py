@@ -13,6 +13,7 @@ or one before the first step, stops at once (exit code 130, nothing saved).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -100,7 +101,7 @@ def _main():
     from defusion_jax.params_io import CheckpointError
 
     try:
-        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        result = train.train_and_evaluate(_CONFIG.value, os.path.expanduser(_WORKDIR.value))  # '--workdir=~/x' too
     except (train.ConfigError, CheckpointError) as e:
         _usage_error(str(e))
     except train.NonFiniteLoss as e:

@@ -383,6 +383,10 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     # ================================ Mesh =======================================================
     if int(config.batch_size) <= 0:
         raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
+    if total <= 0:
+        raise ConfigError(f"total_steps must be positive, got {total}")
+    if int(config.seed) < 0:
+        raise ConfigError(f"seed must be non-negative, got {config.seed}")
     if int(_cfg_get(config, "keep_checkpoints", 3)) < 1:  # 0 would save nothing, and a rerun start over
         raise ConfigError(f"keep_checkpoints must be at least 1, got {config.keep_checkpoints}")
     if str(_cfg_get(config, "compute_dtype", "float32")) not in COMPUTE_DTYPES:

@@ -528,6 +528,16 @@ def test_command_line_mistakes_are_one_line(tmp_path, override, expect):
     assert not (tmp_path / "w").exists()
 
 
+def test_workdir_tilde_is_the_home_folder(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    r = subprocess.run(main_cmd("~/w", "--config.batch_size=0", config=f"{REPO}/configs/pretrain.py:smoke"),
+                       cwd=tmp_path, env=main_env(HOME=str(home), PYTHONPATH=str(REPO)), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "batch_size must be positive" in r.stderr, r.stderr[-3000:]
+    assert (home / "w").is_dir() and not (tmp_path / "~").exists()
+
+
 def test_start_up_mistakes_are_one_config_error(tmp_path):
     """Workdir on a file, batch size 0, and models the config cannot build: ConfigError (one line,
     exit code 2 from the CLI) before anything is compiled."""
@@ -537,6 +547,10 @@ def test_start_up_mistakes_are_one_config_error(tmp_path):
             train_here(workdir, **QUIET)
     with pytest.raises(train.ConfigError, match="batch_size must be positive"):
         train_here(tmp_path / "b", batch_size=0, **QUIET)
+    with pytest.raises(train.ConfigError, match="total_steps must be positive, got 0"):
+        train_here(tmp_path / "t", total_steps=0, **QUIET)
+    with pytest.raises(train.ConfigError, match="seed must be non-negative, got -1"):
+        train_here(tmp_path / "s", seed=-1, **QUIET)
     with pytest.raises(train.ConfigError, match="keep_checkpoints must be at least 1, got 0"):
         train_here(tmp_path / "k", keep_checkpoints=0, **QUIET)  # it would save nothing and call it saved
     with pytest.raises(train.ConfigError, match="compute_dtype must be one of float32, bfloat16, got 'bf16'"):
