@@ -159,6 +159,11 @@ def load_model(path: str | os.PathLike, model_config: Mapping[str, Any] | None =
         from defusion_jax import checkpoints  # training workdirs (orbax)
 
         params, cfg, meta = checkpoints.load_params_from_workdir(path)
+        kind = next((k for k in ("segmentation", "detection") if k in (cfg or {})), None)
+        if kind and model_config is None:  # a fine-tuning run's workdir: its network is no DeFusion++
+            raise CheckpointError(f"{path} is a {kind} run's workdir, not a DeFusion++ pretraining one; as "
+                                  "config.init give the pretraining workdir it started from (config.resume "
+                                  "continues a fine-tuning run)")
         return FusionModel(params, model_config or cfg, meta)
     if url:
         raise CheckpointError(f"{path}: from cloud storage only training workdirs are read; copy "

@@ -18,7 +18,7 @@ import jax
 from defusion_jax import sharding as sh
 from defusion_jax.data import msrs_seg
 from defusion_jax.models.defusion import build_model, init_params
-from defusion_jax.params_io import flatten, load_params, save_params
+from defusion_jax.params_io import CheckpointError, flatten, load_params, save_params
 from defusion_jax.tasks import segment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +107,10 @@ def test_reevaluation_cli_reproduces_the_report(overfit_run):
     assert after["confusion_matrix"] == before["confusion_matrix"]
     assert after["step"] == 150
     assert after["init"] == before["init"] and after["init"]["loaded"] > 0  # where the backbone came from
+    from defusion_jax.api import load_model  # e.g. as config.init of another fine-tuning run
+
+    with pytest.raises(CheckpointError, match="is a segmentation run's workdir, not a DeFusion\\+\\+ pretraining"):
+        load_model(workdir)
 
 
 def test_load_init_params_takes_only_the_backbone(tmp_path):
