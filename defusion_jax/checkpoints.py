@@ -43,7 +43,9 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, every: int = 1000, keep: int = 3,
                  async_save: bool = True, read_only: bool = False):
         self.directory = paths.path(directory)
-        opts = ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=keep,
+        # read-only: no saving interval and no retention (orbax warns about each one it has to reset)
+        opts = ocp.CheckpointManagerOptions(save_interval_steps=0 if read_only else max(int(every), 1),
+                                            max_to_keep=None if read_only else keep,
                                             enable_async_checkpointing=async_save, create=not read_only,
                                             read_only=read_only)
         self.mngr = ocp.CheckpointManager(self.directory, options=opts)

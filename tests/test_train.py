@@ -649,3 +649,12 @@ def test_progress_line_names_colliding_terms_in_full():
     line = logging_utils.progress_line(5, 60, {"loss": 1.0, "cud/common": 0.5, "cud/fused_l1": 0.25,
                                                "mcud/common": 0.125}, {}, keys)
     assert line == "step 5/60 | loss 1 | (cud/common 0.5, fused_l1 0.25, mcud/common 0.125)"
+
+
+def test_reading_another_runs_checkpoints_prints_no_orbax_warnings(tmp_path, caplog):
+    """config.resume and load_model open checkpoints read-only: orbax warned about every saving
+    option it had to reset, three lines per load that looked like problems."""
+    checkpoints.Checkpointer(tmp_path / "ck", every=5, keep=3).close()
+    with caplog.at_level("WARNING"):
+        assert checkpoints.Checkpointer(tmp_path / "ck", read_only=True).latest_step() is None
+    assert not [r.getMessage() for r in caplog.records if "read_only" in r.getMessage()]
