@@ -479,7 +479,8 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
                 changes = ["(the saved config.json could not be read)"]
             for line in changes:
                 logging.warning("config changed since the last run in %s: %s", workdir, line)
-        paths.write_text_whole(saved, _config_json(config))
+        if first_step < total or not saved.exists():  # a rerun with nothing to train keeps the run's record
+            paths.write_text_whole(saved, _config_json(config))
         checkpoints.write_model_config(workdir, task.model_config(), {"task": config.task, "source": str(workdir)})
         if getattr(task, "init_report", None):
             paths.write_text_whole(workdir / INIT_REPORT, json.dumps(task.init_report, indent=1, default=str) + "\n")

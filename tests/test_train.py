@@ -488,7 +488,8 @@ def test_resume_drops_the_rows_and_events_logged_after_the_checkpoint(tmp_path, 
 
 def test_config_json_is_written_after_restore_and_changes_are_named(smoke, tmp_path, caplog):
     """A start that fails on the checkpoint (another model) leaves config.json alone and says what
-    to do in one line; a resume with other host-side fields names them and then saves the new config."""
+    to do in one line; a resume with other host-side fields names them and, once it trains, saves the
+    new config (a rerun with nothing left to train keeps the old one)."""
     import shutil
 
     for name in ("config.json", "model_config.json", "metrics.jsonl"):
@@ -507,6 +508,8 @@ def test_config_json_is_written_after_restore_and_changes_are_named(smoke, tmp_p
     assert result["step"] == 60
     changed = [r.getMessage() for r in caplog.records if "config changed since the last run" in r.getMessage()]
     assert any("ckpt_every: 8 -> 1000" in m for m in changed), changed
+    assert (tmp_path / "config.json").read_text() == saved  # nothing trained: the record stays the run's
+    assert train_here(tmp_path, total_steps=61, **QUIET)["step"] == 61
     assert json.loads((tmp_path / "config.json").read_text())["ckpt_every"] == 1000
 
 
