@@ -53,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---- model ----------------------------------------------------------------------------------
     c.model = dict(
         backbone=dict(vit=dict(VIT_TI_MIM), dim=192, heads=16, mfme_depth=2),  # must match the pretrained network
-        head=dict(),  # detector.HeadConfig fields (ViTDet defaults)
+        # detector.HeadConfig fields (ViTDet defaults); a field must be here to be set with --config.model.head.X
+        head=dict(nms_method="fixed_point"),  # or 'loop': the same detections (docs/detection.md)
         direction="q_view2")
     c.compute_dtype = "float32"
     c.remat = False
@@ -84,7 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             head=dict(pyramid_dim=64, pyramid_scales=(4.0, 2.0, 1.0), top_block=False, anchor_sizes=(16, 32, 64),
                       rpn_convs=1, rpn_batch_size=64, rpn_pre_nms_topk_train=200, rpn_post_nms_topk_train=64,
                       rpn_pre_nms_topk_test=200, rpn_post_nms_topk_test=64, roi_batch_size=64, sampling_ratio=1,
-                      box_head_convs=(), box_head_fcs=(128,), test_topk_candidates=128, detections_per_image=20),
+                      box_head_convs=(), box_head_fcs=(128,), test_topk_candidates=128, detections_per_image=20,
+                      nms_method="fixed_point"),
             direction="q_view2")
         c.dropout = False
         c.fast_compile = True  # XLA compile dominates this tiny run (trainer option)

@@ -387,6 +387,9 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
         raise ConfigError(f"total_steps must be positive, got {total}")
     if int(config.seed) < 0:
         raise ConfigError(f"seed must be non-negative, got {config.seed}")
+    if str(_cfg_get(config, "mesh_axis_types", "auto")) == "explicit":  # sharding-in-types: the models' reshapes
+        raise ConfigError("mesh_axis_types='explicit' is not supported by the trainer yet (the models' reshapes carry "
+                          "no output shardings, which JAX's explicit mode needs); use 'auto', the default")
     if int(_cfg_get(config, "keep_checkpoints", 3)) < 1:  # 0 would save nothing, and a rerun start over
         raise ConfigError(f"keep_checkpoints must be at least 1, got {config.keep_checkpoints}")
     if str(_cfg_get(config, "compute_dtype", "float32")) not in COMPUTE_DTYPES:

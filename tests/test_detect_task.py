@@ -69,6 +69,11 @@ def test_config_arguments():
         get_config("ir,vi")
     with pytest.raises(ValueError, match="unknown config arguments"):
         get_config("large")
+    from defusion_jax.detection.detector import HeadConfig
+
+    for arg in ("", "smoke"):  # docs/detection.md's --config.model.head.nms_method=loop needs the field
+        head = get_config(arg).model.head
+        assert head.nms_method == HeadConfig.nms_method and set(head) <= set(HeadConfig.__dataclass_fields__)
 
 
 def test_an_unknown_split_is_an_error_on_synthetic_data_too():

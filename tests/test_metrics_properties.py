@@ -70,8 +70,10 @@ def test_sets_and_variants_resolve():
     assert parse_metric("PSNR:tang")[1] == "tang"
     with pytest.raises(ValueError, match="variants"):
         parse_metric("CC:nope")
-    with pytest.raises(ValueError, match="unknown metric"):
+    with pytest.raises(ValueError, match="unknown metric 'QQ'.*and the sets paper, vifb, ivf, tang2022, all"):
         parse_metric("QQ")
+    with pytest.raises(ValueError, match=r"'vifb' is a set of metrics: expand it first with resolve\(\['vifb'\]"):
+        parse_metric("vifb")  # score(..., ["vifb"]) said 'unknown metric', listing vifb as known
 
 
 def test_every_metric_documents_its_convention():

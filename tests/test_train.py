@@ -554,6 +554,8 @@ def test_start_up_mistakes_are_one_config_error(tmp_path):
         train_here(tmp_path / "t", total_steps=0, **QUIET)
     with pytest.raises(train.ConfigError, match="seed must be non-negative, got -1"):
         train_here(tmp_path / "s", seed=-1, **QUIET)
+    with pytest.raises(train.ConfigError, match="mesh_axis_types='explicit' is not supported by the trainer"):
+        train_here(tmp_path / "x", mesh_axis_types="explicit", **QUIET)  # a traceback at the first step before
     with pytest.raises(train.ConfigError, match="keep_checkpoints must be at least 1, got 0"):
         train_here(tmp_path / "k", keep_checkpoints=0, **QUIET)  # it would save nothing and call it saved
     with pytest.raises(train.ConfigError, match="compute_dtype must be one of float32, bfloat16, got 'bf16'"):

@@ -116,6 +116,7 @@ PAPER_SETS = {
 TANG2022_SET = ["EN", "SD:tang2022", "SF:tang2022", "AG", "MI:tang", "SCD", "VIF:tang2022", "Qabf:tang2022",
                 "CC", "PSNR:tang", "MSE"]
 SETS = {"vifb": VIFB_SET, "ivf": IVF_SET, "tang2022": TANG2022_SET}
+SET_NAMES = ("paper", *SETS, "all")  # what `resolve` expands
 
 
 def parse_metric(spec: str) -> tuple[Metric, str]:
@@ -123,7 +124,10 @@ def parse_metric(spec: str) -> tuple[Metric, str]:
     name, _, variant = spec.partition(":")
     variant = variant or "default"
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)} and sets paper, {', '.join(SETS)}")
+        if name in SET_NAMES:
+            raise ValueError(f"{name!r} is a set of metrics: expand it first with resolve([{name!r}], task)")
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}, and the sets "
+                         f"{', '.join(SET_NAMES)} (evaluate --metrics)")
     m = METRICS[name]
     if variant not in m.variants:
         raise ValueError(f"metric {name} has no variant {variant!r}; variants: {', '.join(m.variants)}")
