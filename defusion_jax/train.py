@@ -82,6 +82,23 @@ def _report_done(workdir, step: int) -> bool:
     return done
 
 
+def _check_fields(config) -> None:
+    """Values the trainer can tell are wrong before building anything, as one-line ConfigErrors."""
+    for field, value, ok, rule in (
+            ("batch_size", int(config.batch_size), lambda v: v > 0, "must be positive"),
+            ("total_steps", int(config.total_steps), lambda v: v > 0, "must be positive"),
+            ("seed", int(config.seed), lambda v: v >= 0, "must be non-negative"),
+            # 0 would save nothing while saying 'checkpoint saved', and a rerun would start over
+            ("keep_checkpoints", int(_cfg_get(config, "keep_checkpoints", 3)), lambda v: v >= 1, "must be at least 1"),
+            ("compute_dtype", str(_cfg_get(config, "compute_dtype", "float32")), lambda v: v in COMPUTE_DTYPES,
+             f"must be one of {', '.join(COMPUTE_DTYPES)}")):
+        if not ok(value):
+            raise ConfigError(f"{field} {rule}, got {value!r}")
+    if str(_cfg_get(config, "mesh_axis_types", "auto")) == "explicit":
+        raise ConfigError("mesh_axis_types='explicit' is not supported by the trainer yet (the models' reshapes carry "
+                          "no output shardings, which JAX's explicit mode needs); use 'auto', the default")
+
+
 def _check_workdir(workdir) -> None:
     """A local workdir must be a folder or not exist yet; a file on its path is a config error."""
     if paths.is_url(workdir):
@@ -380,20 +397,9 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
         raise ConfigError(str(e)) from None
     total = int(config.total_steps)
 
+    _check_fields(config)
+
     # ================================ Mesh =======================================================
-    if int(config.batch_size) <= 0:
-        raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
-    if total <= 0:
-        raise ConfigError(f"total_steps must be positive, got {total}")
-    if int(config.seed) < 0:
-        raise ConfigError(f"seed must be non-negative, got {config.seed}")
-    if str(_cfg_get(config, "mesh_axis_types", "auto")) == "explicit":  # sharding-in-types: the models' reshapes
-        raise ConfigError("mesh_axis_types='explicit' is not supported by the trainer yet (the models' reshapes carry "
-                          "no output shardings, which JAX's explicit mode needs); use 'auto', the default")
-    if int(_cfg_get(config, "keep_checkpoints", 3)) < 1:  # 0 would save nothing, and a rerun start over
-        raise ConfigError(f"keep_checkpoints must be at least 1, got {config.keep_checkpoints}")
-    if str(_cfg_get(config, "compute_dtype", "float32")) not in COMPUTE_DTYPES:
-        raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {config.compute_dtype!r}")
     with _startup("mesh"):
         mesh = sh.make_mesh(config.mesh, _cfg_get(config, "mesh_axis_types", "auto"))
         if int(config.batch_size) % pcount:
