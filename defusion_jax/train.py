@@ -382,6 +382,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     except ValueError as e:
         raise ConfigError(f"workdir: {e}") from None
     _check_workdir(workdir)
+    _check_fields(config)  # before the workdir is made: a mistyped value leaves no empty run behind
     pidx, pcount = jax.process_index(), jax.process_count()
     stop = _StopFlag()
     cleanup.callback(stop.restore)
@@ -396,8 +397,6 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     total = int(config.total_steps)
-
-    _check_fields(config)
 
     # ================================ Mesh =======================================================
     with _startup("mesh"):

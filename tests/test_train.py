@@ -534,10 +534,10 @@ def test_command_line_mistakes_are_one_line(tmp_path, override, expect):
 def test_workdir_tilde_is_the_home_folder(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    r = subprocess.run(main_cmd("~/w", "--config.batch_size=0", config=f"{REPO}/configs/pretrain.py:smoke"),
+    r = subprocess.run(main_cmd("~/w", "--config.mesh=(('data', 3),)", config=f"{REPO}/configs/pretrain.py:smoke"),
                        cwd=tmp_path, env=main_env(HOME=str(home), PYTHONPATH=str(REPO)), capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 2 and "batch_size must be positive" in r.stderr, r.stderr[-3000:]
+                       text=True, timeout=300)  # fails after the workdir is made: 3 devices wanted, 1 here
+    assert r.returncode == 2 and "needs 3 devices" in r.stderr, r.stderr[-3000:]
     assert (home / "w").is_dir() and not (tmp_path / "~").exists()
 
 
@@ -550,6 +550,7 @@ def test_start_up_mistakes_are_one_config_error(tmp_path):
             train_here(workdir, **QUIET)
     with pytest.raises(train.ConfigError, match="batch_size must be positive"):
         train_here(tmp_path / "b", batch_size=0, **QUIET)
+    assert not (tmp_path / "b").exists()  # checked before the workdir is made: nothing left behind
     with pytest.raises(train.ConfigError, match="total_steps must be positive, got 0"):
         train_here(tmp_path / "t", total_steps=0, **QUIET)
     with pytest.raises(train.ConfigError, match="seed must be non-negative, got -1"):
