@@ -93,6 +93,10 @@ def make_mesh(axes: Sequence[Sequence[Any]] = (("data", -1),), axis_types: str =
               devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
     """Mesh from `[(name, size), ...]`; one size may be -1 (fill with the remaining devices)."""
     devices = list(jax.devices() if devices is None else devices)
+    if isinstance(axes, str) or not all(isinstance(a, (tuple, list)) and len(a) == 2 for a in axes):
+        # e.g. --config.mesh=((data,-1),): unquoted names do not parse as Python and stay a string
+        raise ValueError(f"expected (name, size) pairs such as --config.mesh=\"(('data', -1),)\" (names quoted), "
+                         f"got {axes!r}")
     names = [str(a[0]) for a in axes]
     sizes = [int(a[1]) for a in axes]
     if sizes.count(-1) > 1:

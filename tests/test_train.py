@@ -551,6 +551,8 @@ def test_start_up_mistakes_are_one_config_error(tmp_path):
     with pytest.raises(train.ConfigError, match="batch_size must be positive"):
         train_here(tmp_path / "b", batch_size=0, **QUIET)
     assert not (tmp_path / "b").exists()  # checked before the workdir is made: nothing left behind
+    with pytest.raises(train.ConfigError, match=r"^mesh: expected \(name, size\) pairs such as"):
+        train_here(tmp_path / "m", mesh=("((data,-1),)",), **QUIET)  # what an unquoted --config.mesh gives
     with pytest.raises(train.ConfigError, match="total_steps must be positive, got 0"):
         train_here(tmp_path / "t", total_steps=0, **QUIET)
     with pytest.raises(train.ConfigError, match="seed must be non-negative, got -1"):
