@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping
 import jax
 import numpy as np
 
-from defusion_jax.params_io import CheckpointError, flatten, read_state_dict, save_params, unflatten
+from defusion_jax.params_io import CheckpointError, first_few, flatten, read_state_dict, save_params, unflatten
 
 _INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
@@ -92,11 +92,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[s
             flat[fk] = np.ascontiguousarray(fv, dtype=np.float32)
     missing = [torch_key(k) for k in expected if k not in flat and k not in misshapen]
     if missing or unexpected or bad_shape:
-        def few(items):  # a wholly different network has hundreds: counts and the first three
-            return f"{len(items)} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
-
-        parts = [f"{what} {few(items)}" for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                            ("wrong shapes", bad_shape)) if items]
+        # a wholly different network has hundreds: counts and the first three of each kind
+        parts = [f"{what} {len(items)} ({first_few(items)})" for what, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", bad_shape)) if items]
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
     return flat, notes
 

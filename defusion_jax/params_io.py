@@ -109,6 +109,12 @@ def _to_numpy(v: Any) -> np.ndarray | None:
     return None
 
 
+def first_few(items, n: int = 3) -> str:
+    """'a, b, c, ...': the start of a long list of names, for a one-line error message."""
+    items = list(items)
+    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
+
+
 def flatten(params: Mapping) -> dict[str, np.ndarray]:
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
 

@@ -110,11 +110,12 @@ def check_same_structure(params, params_shape, source: str = "init"):
     got = jax.tree_util.tree_structure(params)
     want = jax.tree_util.tree_structure(params_shape)
     if got != want:
-        def names(tree):
-            return {"/".join(str(getattr(k, "key", k)) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        from flax import traverse_util
 
-        have, need = names(params), names(params_shape)
-        diff = [f"{len(d)} {what} (e.g. {', '.join(sorted(d)[:3])})" for d, what in
+        from defusion_jax.params_io import first_few
+
+        have, need = ({"/".join(k) for k in traverse_util.flatten_dict(dict(t))} for t in (params, params_shape))
+        diff = [f"{len(d)} {what} (e.g. {first_few(sorted(d))})" for d, what in
                 ((need - have, "arrays of the model are not in it"), (have - need, "of its arrays are not in the model"))
                 if d]
         raise ValueError(f"{source}: parameter tree does not match the model being trained: {'; '.join(diff) or 'nesting differs'}")
