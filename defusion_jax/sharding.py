@@ -152,6 +152,33 @@ def global_batch(batch, mesh):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x), batch)
 
 
+# ---- activations under a mesh ------------------------------------------------------------------
+# The models run unchanged under Auto (the default) and Explicit axis types. In Explicit mode a
+# sharding is part of an array's type: newly made arrays (random draws, broadcasts) come out
+# replicated, mixing them with batch-sharded ones is a type error, and most reshapes and slices of
+# a sharded axis need their output placement spelled out. These helpers say it once; outside
+# Explicit mode they are the plain operation.
+def is_explicit(mesh=None) -> bool:
+    """Whether the mesh (default: the one in context) has Explicit axis types."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return not mesh.empty and all(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def _ways(mesh, entry) -> int:
+    """Into how many parts a PartitionSpec entry (None, a name or a tuple of names) splits an axis."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def batch_out_sharding(shape: Sequence[int]) -> dict:
+    """`out_sharding=` for a new array with a batch-leading `shape` in Explicit mode: the batch
+    sharding of the mesh in context, or nothing (replicated) when the batch does not divide over it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not is_explicit(mesh) or shape[0] % _ways(mesh, batch_axes(mesh)):
+        return {}
+    return {"out_sharding": batch_spec(mesh, len(shape))}
+
+
 def shard_batch(x: jax.Array) -> jax.Array:
     """Constrain the leading axis of `x` to the batch sharding of the mesh in context (no-op without).
 
@@ -161,10 +188,79 @@ def shard_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = P(batch_axes(mesh), *([None] * (x.ndim - 1)))
-    if all(t == AxisType.Explicit for t in mesh.axis_types):
-        return jax.sharding.reshard(x, spec)
-    return jax.lax.with_sharding_constraint(x, spec)
+    if is_explicit(mesh):
+        out = batch_out_sharding(x.shape)
+        return jax.sharding.reshard(x, out["out_sharding"]) if out else x
+    return jax.lax.with_sharding_constraint(x, batch_spec(mesh, x.ndim))
+
+
+def like_batch(like: jax.Array, ndim: int) -> dict:
+    """`out_sharding=` for a new array of `ndim` dimensions whose leading axis is placed like
+    `like`'s (Explicit mode only)."""
+    if not is_explicit():
+        return {}
+    lead = jax.typeof(like).sharding.spec
+    return {"out_sharding": P(lead[0] if len(lead) else None, *([None] * (ndim - 1)))}
+
+
+def broadcast_batch(x: jax.Array, shape: Sequence[int], like: jax.Array) -> jax.Array:
+    """`jnp.broadcast_to(x, shape)` with the leading (batch) axis placed like `like`'s."""
+    import jax.numpy as jnp
+
+    return jnp.broadcast_to(x, shape, **like_batch(like, len(shape)))
+
+
+def reshape_batch(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """`x.reshape(shape)` for a reshape that keeps the leading (batch) axis, e.g. a token axis
+    split into a grid, whose output placement Explicit mode cannot infer."""
+    import jax.numpy as jnp
+
+    return jnp.reshape(x, shape, **like_batch(x, len(shape)))
+
+
+def batch_bernoulli(key: jax.Array, p: float, shape: Sequence[int], like: jax.Array) -> jax.Array:
+    """`jax.random.bernoulli` of a batch-leading shape, drawn where `like`'s rows live (dropout and
+    drop-path masks). threefry is partitionable, so the values do not depend on the placement."""
+    return jax.random.bernoulli(key, p, tuple(shape), **like_batch(like, len(shape)))
+
+
+def vmap_batch(fn):
+    """`jax.vmap(fn)` over the batch axis, for per-sample code (detection's proposals, NMS, RoI
+    sampling). In Explicit mode it is traced in Auto mode (`jax.sharding.auto_axes`) and its outputs
+    are placed on the batch sharding: JAX 0.10 cannot trace a vmapped `while_loop` or scatter under
+    Explicit types, and the per-sample code needs no cross-sample placement of its own."""
+    mapped = jax.vmap(fn)
+
+    def run(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if not is_explicit(mesh):
+            return mapped(*args)
+        size = jax.tree.leaves(args)[0].shape[0]
+        spec = batch_spec(mesh) if not size % _ways(mesh, batch_axes(mesh)) else P()
+        return jax.sharding.auto_axes(mapped, out_sharding=spec)(*args)
+
+    return run
+
+
+def first_rows(x: jax.Array, n: int) -> jax.Array:
+    """`x[:n]` of a batch-sharded array. Explicit mode refuses a slice of a sharded axis that does
+    not divide over its devices, so the rows are first gathered, from as few shards as cover them."""
+    if not is_explicit() or not x.ndim:
+        return x[:n]
+    spec = jax.typeof(x).sharding.spec
+    ways = _ways(jax.sharding.get_abstract_mesh(), spec[0] if len(spec) else None)
+    cover = min(x.shape[0], -(-n // ways) * ways)
+    return jax.sharding.reshard(x[:cover], P())[:n]
+
+
+def gather_params(tree):
+    """In Explicit mode, every sharded leaf resharded to replicated where it is used: FSDP's
+    all-gather before the forward, whose transpose in the gradient is the reduce-scatter (Explicit
+    mode will not run a matmul whose weight is split over the axis that splits the batch). Elsewhere
+    the tree is returned as it is: in Auto mode XLA places those gathers itself."""
+    if not is_explicit():
+        return tree
+    return jax.tree.map(lambda x: jax.sharding.reshard(x, P()) if any(jax.typeof(x).sharding.spec) else x, tree)
 
 
 _COLLECTIVE = re.compile(r"[ )}] (all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)(?:-start)?\(")

@@ -94,9 +94,6 @@ def _check_fields(config) -> None:
              f"must be one of {', '.join(COMPUTE_DTYPES)}")):
         if not ok(value):
             raise ConfigError(f"{field} {rule}, got {value!r}")
-    if str(_cfg_get(config, "mesh_axis_types", "auto")) == "explicit":
-        raise ConfigError("mesh_axis_types='explicit' is not supported by the trainer yet (the models' reshapes carry "
-                          "no output shardings, which JAX's explicit mode needs); use 'auto', the default")
 
 
 def _check_workdir(workdir) -> None:
@@ -183,6 +180,12 @@ def build_optimizer(config):
 
 
 # ---- the update --------------------------------------------------------------------------------
+def task_loss(task):
+    """`task.loss_fn` as the step differentiates it: in Explicit mode FSDP-sharded parameters are
+    gathered first (`sharding.gather_params`), so tasks never see a sharded weight."""
+    return lambda params, *args: task.loss_fn(sh.gather_params(params), *args)
+
+
 def make_step_fns(task, tx, lr_fn):
     """(init_state, train_step) of a task: the pure functions the trainer jits with its shardings
     (and `benchmarks/` time as they are)."""
@@ -195,7 +198,7 @@ def make_step_fns(task, tx, lr_fn):
     def train_step(state, frozen, batch):
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        (loss, metrics), grads = jax.value_and_grad(task_loss(task), has_aux=True)(
             state["params"], frozen, batch, rng, step)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -322,13 +325,21 @@ def _memo(programs: dict, name: str, build):
     return programs[name]
 
 
-def _ordered_panel(task, out_sharding):
-    """`task.panel` jitted, returning {name: host array} in the task's column order (a jitted dict
-    comes back with sorted keys; the order of a picture's columns is part of what it says)."""
+def _hook_params(params, mesh):
+    """Parameters for the host-side hooks (evaluate, final_report), which jit their own programs:
+    replicated in Explicit mode, as `task_loss` gives them to the loss."""
+    return jax.device_put(params, sh.replicated(mesh)) if sh.is_explicit(mesh) else params
+
+
+def _ordered_panel(task, out_sharding, n_rows: int):
+    """`task.panel` jitted, returning {name: host array of the first `n_rows` samples} in the task's
+    column order (a jitted dict comes back with sorted keys; the order of a picture's columns is
+    part of what it says)."""
     names: dict[tuple, list[str]] = {}
 
     def columns(params, frozen, batch, rng):
-        cols = task.panel(params, frozen, batch, rng) or {}
+        cols = task.panel(sh.gather_params(params), frozen, batch, rng) or {}
+        cols = {k: sh.first_rows(v, n_rows) for k, v in cols.items()}
         names[tuple(sorted(batch))] = list(cols)
         return [cols[k] for k in cols]
 
@@ -496,7 +507,8 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     # ================================ Update step ================================================
     step_fn = _memo(programs, "step", lambda: jit_train_step(train_step, mesh, state_sharding))
     panel_every = int(_cfg_get(config, "panel_every", 0))
-    panel_fn = _memo(programs, "panel", lambda: _ordered_panel(task, repl)) if panel_every else None
+    panel_rows = int(_cfg_get(config, "panel_samples", 2))
+    panel_fn = _memo(programs, "panel", lambda: _ordered_panel(task, repl, panel_rows)) if panel_every else None
 
     # ================================ Train loop =================================================
     log_every = max(int(_cfg_get(config, "log_every", 50)), 1)
@@ -551,7 +563,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
             progress.pause(time.perf_counter() - t0)
         if eval_every and (step % eval_every == 0 or last):
             t0 = time.perf_counter()
-            ev = task.evaluate(state["params"], frozen, step)
+            ev = task.evaluate(_hook_params(state["params"], mesh), frozen, step)
             if ev:
                 writer.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
                 logging.info("eval at step %d: %s", step, ev)
@@ -577,7 +589,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
                 logging.info("writing the final report of step %d (the run that reached it stopped before "
                              "finishing it)", step)
             with paths.staged(workdir) as local:
-                task.final_report(state["params"], frozen, str(local))
+                task.final_report(_hook_params(state["params"], mesh), frozen, str(local))
             if pidx == 0:
                 paths.write_text_whole(workdir / REPORT_MARK, json.dumps({"step": step}) + "\n")
     ckpt.wait()  # the step reported is on disk

@@ -146,10 +146,7 @@ def _batch_random(sample, key, shape, **kw):
 
     threefry is partitionable (JAX's default), so the values do not depend on the sharding and each
     device computes only its rows once the output is constrained to the batch sharding."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        kw["out_sharding"] = sharding_lib.batch_spec(mesh, len(shape))
-    return sharding_lib.shard_batch(sample(key, shape, **kw))
+    return sharding_lib.shard_batch(sample(key, shape, **kw, **sharding_lib.batch_out_sharding(shape)))
 
 
 def make_views(rng: jax.Array, clean: jax.Array, cfg: ViewConfig = ViewConfig()) -> dict[str, jax.Array]:

@@ -39,7 +39,7 @@ def test_patchify_is_maes_order_and_inverts():
     # MAE: imgs (N,3,H,W).reshape(N,3,h,p,w,q); einsum('nchpwq->nhwpqc'); reshape(N, h*w, p*q*3)
     ref = np.einsum("nchpwq->nhwpqc", x.transpose(0, 3, 1, 2).reshape(2, 3, 2, 16, 3, 16)).reshape(2, 6, 768)
     np.testing.assert_array_equal(p, ref)
-    np.testing.assert_array_equal(np.asarray(M.unpatchify(jnp.asarray(p), (2, 3), 16)), x)
+    np.testing.assert_array_equal(np.asarray(M.unpatchify(jnp.asarray(p), 2, 3, 16)), x)
 
 
 def test_masking_from_noise_keeps_the_lowest_noise():

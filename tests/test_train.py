@@ -362,16 +362,17 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 def test_panel_columns_keep_the_task_order():
-    """A jitted dict comes back with sorted keys; the panel must show the task's column order."""
+    """A jitted dict comes back with sorted keys; the panel must show the task's column order, and
+    the first `panel_samples` rows of what the task computes on the whole batch."""
     class Columns:
         def panel(self, params, frozen, batch, rng):
             return {"view": batch["x"], "target": batch["x"] * 0.5, "prediction": batch["x"] + params}
 
-    run = train._ordered_panel(Columns(), None)
-    x = np.ones((1, 2, 2, 3), np.float32)
+    run = train._ordered_panel(Columns(), None, n_rows=2)
+    x = np.arange(3, dtype=np.float32)[:, None, None, None] * np.ones((3, 2, 2, 3), np.float32)
     cols = run(np.float32(0.25), {}, {"x": x}, jax.random.key(0))
     assert list(cols) == ["view", "target", "prediction"]
-    np.testing.assert_allclose(cols["prediction"], 1.25)
+    np.testing.assert_allclose(cols["prediction"], x[:2] + 0.25)  # the batch's first panel_samples rows
 
 
 def test_learning_rate_schedules_hand_values():
@@ -557,8 +558,8 @@ def test_start_up_mistakes_are_one_config_error(tmp_path):
         train_here(tmp_path / "t", total_steps=0, **QUIET)
     with pytest.raises(train.ConfigError, match="seed must be non-negative, got -1"):
         train_here(tmp_path / "s", seed=-1, **QUIET)
-    with pytest.raises(train.ConfigError, match="mesh_axis_types='explicit' is not supported by the trainer"):
-        train_here(tmp_path / "x", mesh_axis_types="explicit", **QUIET)  # a traceback at the first step before
+    with pytest.raises(train.ConfigError, match="mesh_axis_types must be 'auto' or 'explicit', got 'Explicit'"):
+        train_here(tmp_path / "x", mesh_axis_types="Explicit", **QUIET)
     with pytest.raises(train.ConfigError, match="keep_checkpoints must be at least 1, got 0"):
         train_here(tmp_path / "k", keep_checkpoints=0, **QUIET)  # it would save nothing and call it saved
     with pytest.raises(train.ConfigError, match="compute_dtype must be one of float32, bfloat16, got 'bf16'"):

@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent("""
         with jax.set_mesh(mesh):
             for kind in kinds:
                 b = {k: jax.device_put(v, sh.batch_sharding(mesh, v.ndim)) for k, v in batches[kind].items()}
-                f = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
+                f = jax.jit(jax.value_and_grad(train.task_loss(task), has_aux=True))
                 (loss, _), grads = f(params, frozen, b, key, 0)
                 out[kind] = (loss, grads)
                 if kind == "single":  # the views the step built (same key split as the loss)
@@ -73,11 +73,13 @@ SCRIPT = textwrap.dedent("""
 
     ref = run(one, ((".*", "replicate"),), ("single", "multi"))
     eight = sh.make_mesh((("data", -1),))
+    explicit = sh.make_mesh((("data", -1),), "explicit")  # shardings in the types: no op may guess
     worst = 0.0
-    for name, rules, kinds in (("dp", ((".*", "replicate"),), ("single", "multi")),
-                               ("fsdp", ((".*", "fsdp"),), ("single",))):
-        got = run(eight, rules, kinds)
-        if name == "fsdp":
+    for name, mesh, rules, kinds in (("dp", eight, ((".*", "replicate"),), ("single", "multi")),
+                                     ("fsdp", eight, ((".*", "fsdp"),), ("single",)),
+                                     ("explicit fsdp", explicit, ((".*", "fsdp"),), ("single", "multi"))):
+        got = run(mesh, rules, kinds)
+        if name.endswith("fsdp"):
             assert got["n_sharded"] > 20, got["n_sharded"]
         for k in ref["views"]:
             np.testing.assert_array_equal(got["views"][k], ref["views"][k], err_msg=f"{name} view {k}")
@@ -110,7 +112,8 @@ def test_sharded_step_matches_single_device():
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "dp ok" in r.stdout and "fsdp ok" in r.stdout and "batch error ok" in r.stdout
+    for name in ("dp", "fsdp", "explicit fsdp", "batch error"):
+        assert f"\n{name} ok" in "\n" + r.stdout, name
     print(r.stdout)
 
 
@@ -156,3 +159,4 @@ def test_data_parallel_step_exchanges_only_gradients():
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "single step ok" in r.stdout and "multi step ok" in r.stdout and "fuse ok" in r.stdout
+

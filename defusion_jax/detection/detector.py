@@ -30,6 +30,7 @@ from defusion_jax.detection.nms import nms, nms_mask
 from defusion_jax.detection.roi_align import multilevel_roi_align
 from defusion_jax.models.defusion import build_model
 from defusion_jax.models.seg_head import SimpleFeaturePyramid
+from defusion_jax.sharding import like_batch, reshape_batch, vmap_batch
 
 MODALITIES = ("fused", "ir", "vi")
 
@@ -104,8 +105,8 @@ class RPNHead(nn.Module):
         logits = nn.Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="objectness")(x)
         deltas = nn.Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="deltas")(x)
         b, h, w, _ = x.shape
-        return (logits.reshape(b, h * w * self.num_anchors).astype(jnp.float32),
-                deltas.reshape(b, h * w * self.num_anchors, 4).astype(jnp.float32))
+        return (reshape_batch(logits, (b, h * w * self.num_anchors)).astype(jnp.float32),
+                reshape_batch(deltas, (b, h * w * self.num_anchors, 4)).astype(jnp.float32))
 
 
 class BoxHead(nn.Module):
@@ -190,7 +191,7 @@ class DeFusionDetector(nn.Module):
             kl = min(pre, an.shape[0])
             top, idx = jax.lax.top_k(jax.lax.stop_gradient(lg), kl)
             d = jnp.take_along_axis(jax.lax.stop_gradient(dl), idx[..., None], axis=1)
-            boxes = clip(decode(d, jnp.asarray(an)[idx]), *image_hw)
+            boxes = clip(decode(d, jnp.asarray(an).at[idx].get(**like_batch(idx, idx.ndim + 1))), *image_hw)
             ok = nonempty(boxes) & jnp.isfinite(top) & jnp.all(jnp.isfinite(boxes), axis=-1)
             pad = k - kl  # levels padded to a common k so NMS can run over all of them at once
             lv_boxes.append(jnp.pad(boxes, ((0, 0), (0, pad), (0, 0))))
@@ -198,10 +199,10 @@ class DeFusionDetector(nn.Module):
             lv_valid.append(jnp.pad(ok, ((0, 0), (0, pad))))
         boxes, scores, valid = (jnp.stack(v, axis=1) for v in (lv_boxes, lv_scores, lv_valid))  # (B, L, k, ...)
         level_nms = lambda b, s, v: nms_mask(b, s, v, h.rpn_nms_threshold, h.nms_method)  # noqa: E731
-        keep = jax.vmap(jax.vmap(level_nms))(boxes, scores, valid)
+        keep = vmap_batch(jax.vmap(level_nms))(boxes, scores, valid)
         b_, l_ = boxes.shape[:2]
         flat_boxes = boxes.reshape(b_, l_ * k, 4)
-        idx, ok = jax.vmap(lambda m, s: select_indices(m, s, min(post, l_ * k)))(
+        idx, ok = vmap_batch(lambda m, s: select_indices(m, s, min(post, l_ * k)))(
             keep.reshape(b_, -1), scores.reshape(b_, -1))
         return jnp.take_along_axis(flat_boxes, idx[..., None], axis=1), ok
 
@@ -211,7 +212,7 @@ class DeFusionDetector(nn.Module):
         levels = feats[:len(h.pyramid_scales)]
         strides = h.level_strides(self.backbone.patch)[:len(levels)]
         s = h.pooler_resolution
-        return jax.vmap(lambda fs, b: multilevel_roi_align(fs, b, strides, (s, s), h.sampling_ratio))(levels, boxes)
+        return vmap_batch(lambda fs, b: multilevel_roi_align(fs, b, strides, (s, s), h.sampling_ratio))(levels, boxes)
 
     def box_predictions(self, feats, boxes):
         b, r = boxes.shape[:2]
@@ -242,16 +243,16 @@ class DeFusionDetector(nn.Module):
                                           pos_fraction=h.rpn_pos_fraction, iou_thresholds=h.rpn_iou_thresholds)
             return L.rpn_losses(lg, dl, pos, neg, tgt, h.box_loss_beta) + (jnp.sum(pos),)
 
-        obj, box, npos = jax.vmap(rpn_one)(jax.random.split(k_rpn, bsz), all_logits, all_deltas, gt_boxes, gt_valid)
+        obj, box, npos = vmap_batch(rpn_one)(jax.random.split(k_rpn, bsz), all_logits, all_deltas, gt_boxes, gt_valid)
         norm = float(h.rpn_batch_size * bsz)
 
         props, props_ok = self.proposals(logits, deltas, anchors, image_hw, train=True)
-        tg = jax.vmap(lambda key, p, pv, gb, gc, gv: L.roi_targets(
+        tg = vmap_batch(lambda key, p, pv, gb, gc, gv: L.roi_targets(
             key, p, pv, gb, gc, gv, num_samples=h.roi_batch_size, pos_fraction=h.roi_pos_fraction,
             iou_threshold=h.roi_iou_threshold, weights=h.bbox_reg_weights))(
             jax.random.split(k_roi, bsz), props, props_ok, gt_boxes, gt_classes, gt_valid)
         cls_logits, box_deltas = self.box_predictions(feats, jax.lax.stop_gradient(tg["boxes"]))
-        cls_loss, box_loss = jax.vmap(lambda a, b, c, d, e: L.roi_losses(a, b, c, d, e, h.box_loss_beta))(
+        cls_loss, box_loss = vmap_batch(lambda a, b, c, d, e: L.roi_losses(a, b, c, d, e, h.box_loss_beta))(
             cls_logits, box_deltas, tg["labels"], tg["targets"], tg["valid"])
         fg = (tg["labels"] > 0) & tg["valid"]
         pred = jnp.argmax(cls_logits, axis=-1)
@@ -292,7 +293,7 @@ class DeFusionDetector(nn.Module):
                            method=h.nms_method)
             return bx[keep], jnp.where(kv, sc[keep], 0.0), cls[keep], kv
 
-        boxes, scores, classes, valid = jax.vmap(one)(boxes, probs, props_ok)
+        boxes, scores, classes, valid = vmap_batch(one)(boxes, probs, props_ok)
         d = h.detections_per_image - boxes.shape[1]
         if d > 0:  # fewer candidates than detections_per_image: pad
             boxes = jnp.pad(boxes, ((0, 0), (0, d), (0, 0)))

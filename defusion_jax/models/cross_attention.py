@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from defusion_jax.models.vit import DenseParams, attention, from_heads, to_heads
+from defusion_jax.models.vit import DenseParams, Dropout, attention, from_heads, to_heads
 
 
 class MultiheadAttention(nn.Module):
@@ -57,7 +57,7 @@ class MultiheadAttention(nn.Module):
             for j, i in enumerate(idx):
                 heads[i] = y if len(idx) == 1 else y[j]
 
-        drop = nn.Dropout(self.dropout) if self.dropout else None
+        drop = Dropout(self.dropout) if self.dropout else None
         out = attention(*heads, drop, deterministic)
         return from_heads(out, *DenseParams(d, name="out_proj")(d), self.dtype)
 
@@ -95,7 +95,7 @@ class CABlock(nn.Module):
 
     @nn.compact
     def __call__(self, x1, x2, deterministic: bool = True):
-        drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)  # noqa: E731
+        drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)  # noqa: E731
         attn = CrossAttentionTask(self.num_heads, self.common, self.dtype,
                                   name="multi_input_self_attn")(x1, x2, deterministic)
         src = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm1")(x2 + drop(attn))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from defusion_jax.models.cross_attention import CABlock
-from defusion_jax.models.vit import Block, random_masking, restore_masked_tokens, vit_from_config
+from defusion_jax.models.vit import Block, patchify, random_masking, restore_masked_tokens, unpatchify, vit_from_config
 
 DIRECTIONS = ("q_view2", "q_view1")
 # The parameters only a multi-modal network (MCUD, `multimodal=True`) has: the Eq. 6 heads
@@ -34,23 +34,6 @@ MULTIMODAL_ONLY = ("mm_unique_norm1", "mm_unique_norm2", "latent_predict1", "lat
 
 # The official network (TinyMIM ViT-T encoder; drop-path 0.1 on blocks 0-10, 0 on block 11).
 OFFICIAL_ENCODER = dict(variant="Ti-mim", eps=1e-6, drop_path=(0.1,) * 11 + (0.0,), posemb="sincos")
-
-
-def unpatchify(tokens: jax.Array, gh: int, gw: int, patch: int = 16) -> jax.Array:
-    """(B, gh*gw, p*p*C) patch vectors ordered (row p, col q, channel c) -> (B, gh*p, gw*p, C)."""
-    b, n, d = tokens.shape
-    c = d // (patch * patch)
-    if n != gh * gw:
-        raise ValueError(f"{n} tokens do not fill a {gh}x{gw} grid")
-    x = tokens.reshape(b, gh, gw, patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, gh * patch, gw * patch, c)
-
-
-def patchify(images: jax.Array, patch: int = 16) -> jax.Array:
-    """Inverse of `unpatchify`: (B, H, W, C) -> (B, H/p * W/p, p*p*C)."""
-    b, h, w, c = images.shape
-    x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
 def mfm_masking(rng: jax.Array, batch: int, num_tokens: int, mask_ratio: float = 0.75):

@@ -22,26 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from defusion_jax.models.vit import (Block, ViT, normalize_imagenet, random_masking, restore_masked_tokens,
-                                     sincos_table, vit_from_config)
+from defusion_jax.models.vit import (Block, ViT, normalize_imagenet, patchify, random_masking,  # noqa: F401
+                                     restore_masked_tokens, sincos_table, unpatchify, vit_from_config)
 
 MAE_DECODER = dict(width=512, depth=8, heads=16, mlp_dim=2048)  # MAE's ViT-B/L decoder
-
-
-def patchify(x: jax.Array, patch: int = 16) -> jax.Array:
-    """(B, H, W, C) -> (B, h*w, p*p*C), each vector ordered (row p, col q, channel c) like MAE."""
-    b, h, w, c = x.shape
-    gh, gw = h // patch, w // patch
-    x = x.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, gh * gw, patch * patch * c)
-
-
-def unpatchify(x: jax.Array, grid: tuple[int, int], patch: int = 16, channels: int = 3) -> jax.Array:
-    """Inverse of `patchify`."""
-    b = x.shape[0]
-    gh, gw = grid
-    x = x.reshape(b, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, gh * patch, gw * patch, channels)
 
 
 def mae_loss(pred: jax.Array, target_images: jax.Array, mask: jax.Array, patch: int = 16,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defusion_jax.models.defusion import build_model
-from defusion_jax.models.vit import gelu_exact
+from defusion_jax.models.vit import Dropout, gelu_exact
 
 
 def resize_bilinear(x: jax.Array, hw: Sequence[int]) -> jax.Array:
@@ -133,7 +133,7 @@ class UPerHead(nn.Module):
         outs = [conv(3, f"fpn_convs_{i}")(lat) for i, lat in enumerate(laterals[:-1])] + [laterals[-1]]
         size = outs[0].shape[1:3]
         fused = conv(3, "fpn_bottleneck")(jnp.concatenate([resize_bilinear(o, size) for o in outs], axis=-1))
-        fused = nn.Dropout(self.dropout)(fused, deterministic=deterministic)
+        fused = Dropout(self.dropout)(fused, deterministic=deterministic)
         return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="conv_seg")(fused)
 
 

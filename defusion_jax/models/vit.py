@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from defusion_jax.sharding import batch_bernoulli, broadcast_batch, reshape_batch, shard_batch
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -56,6 +58,24 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     omega = 1.0 / 10000**omega
     out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def unpatchify(tokens: jax.Array, gh: int, gw: int, patch: int = 16) -> jax.Array:
+    """(B, gh*gw, p*p*C) patch vectors ordered (row p, col q, channel c), as MAE orders them ->
+    (B, gh*p, gw*p, C)."""
+    b, n, d = tokens.shape
+    c = d // (patch * patch)
+    if n != gh * gw:
+        raise ValueError(f"{n} tokens do not fill a {gh}x{gw} grid")
+    x = reshape_batch(tokens, (b, gh, gw, patch, patch, c)).transpose(0, 1, 3, 2, 4, 5)
+    return reshape_batch(x, (b, gh * patch, gw * patch, c))
+
+
+def patchify(images: jax.Array, patch: int = 16) -> jax.Array:
+    """Inverse of `unpatchify`: (B, H, W, C) -> (B, H/p * W/p, p*p*C)."""
+    b, h, w, c = images.shape
+    x = reshape_batch(images, (b, h // patch, patch, w // patch, patch, c)).transpose(0, 1, 3, 2, 4, 5)
+    return reshape_batch(x, (b, (h // patch) * (w // patch), patch * patch * c))
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,15 +140,13 @@ def masking_from_noise(noise: jax.Array, mask_ratio: float):
     ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
     ids_keep = ids_shuffle[:, :n_keep]
     mask = (jnp.arange(n_tokens)[None, :] >= n_keep).astype(jnp.float32)
-    mask = jnp.take_along_axis(jnp.broadcast_to(mask, (batch, n_tokens)), ids_restore, axis=1)
+    mask = jnp.take_along_axis(broadcast_batch(mask, (batch, n_tokens), like=noise), ids_restore, axis=1)
     return ids_keep, ids_restore, mask
 
 
 def random_masking(rng: jax.Array, batch: int, n_tokens: int, mask_ratio: float):
     """Per-sample random masking (see `masking_from_noise`), the noise kept with its sample under
     a batch-sharded mesh."""
-    from defusion_jax.sharding import shard_batch
-
     return masking_from_noise(shard_batch(jax.random.uniform(rng, (batch, n_tokens))), mask_ratio)
 
 
@@ -141,7 +159,7 @@ def restore_masked_tokens(x: jax.Array, mask_token: jax.Array, ids_restore: jax.
     and the MAE teacher decoder.
     """
     b, kept, d = x.shape
-    fill = jnp.broadcast_to(mask_token.astype(x.dtype), (b, ids_restore.shape[1] + 1 - kept, d))
+    fill = broadcast_batch(mask_token.astype(x.dtype), (b, ids_restore.shape[1] + 1 - kept, d), like=x)
     x_ = jnp.take_along_axis(jnp.concatenate([x[:, 1:], fill], axis=1), ids_restore[:, :, None], axis=1)
     return jnp.concatenate([x[:, :1], x_], axis=1) + jnp.asarray(sincos_table(d, *grid)).astype(x.dtype)
 
@@ -308,6 +326,21 @@ class Mlp(nn.Module):
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
+class Dropout(nn.Module):
+    """`flax.linen.Dropout` (same rng stream, mask and scaling) with its mask drawn where the
+    input's rows live, which Explicit sharding mode needs (`sharding.batch_bernoulli`)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = batch_bernoulli(self.make_rng("dropout"), keep, x.shape, like=x)
+        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 class Block(nn.Module):
     """Pre-norm ViT block: x + DropPath(Attn(LN(x))); x + DropPath(MLP(LN(x)))."""
 
@@ -321,7 +354,7 @@ class Block(nn.Module):
         if deterministic or self.drop_path == 0.0:
             return y
         keep = 1.0 - self.drop_path
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+        mask = batch_bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1), like=y)
         return y * mask.astype(y.dtype) / keep
 
     @nn.compact
@@ -400,7 +433,7 @@ class ViT(nn.Module):
         if ids_keep is not None:
             x = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
-        cls = jnp.broadcast_to(cls.astype(x.dtype) + pos[:1], (b, 1, self.width))
+        cls = broadcast_batch(cls.astype(x.dtype) + pos[:1], (b, 1, self.width), like=x)
         x = jnp.concatenate([cls, x], axis=1)
 
         heads = as_heads(self.heads, self.depth)

@@ -26,8 +26,10 @@ The interface (all methods get plain pytrees; nothing here may hold device state
                                                          # axis; metrics: dict of scalars
     optional (defaults below do nothing):
         def load_init_params(self, path, params_shape) -> params   # config.init (params only)
-        def panel(self, params, frozen, batch, rng) -> {name: (n, H, W, C) images in [0,1]}
-                                                         # traced; shown every config.panel_every steps
+        def panel(self, params, frozen, batch, rng) -> {name: (B, H, W, C) images in [0,1]}
+                                                         # traced, on the whole batch; the trainer
+                                                         # shows the first config.panel_samples rows
+                                                         # every config.panel_every steps
         def evaluate(self, params, frozen, step) -> {name: float}  # host side, every config.eval_every
         def final_report(self, params, frozen, workdir) -> None     # once, after the last step
         console_keys: tuple of metric names the progress line shows after the loss

@@ -95,7 +95,6 @@ class MAETask(Task):
     def panel(self, params, frozen, batch, rng):
         """Input, what the encoder saw, the reconstruction, and the reconstruction with the visible
         patches pasted back (MAE's demo figure)."""
-        n = int(self.config.get("panel_samples", 2))
         x = batch["image"].astype(jnp.float32)
         out = self.model.apply({"params": params}, x, rng)
         p = self.model.patch
@@ -105,17 +104,17 @@ class MAETask(Task):
         if self.norm_pix_loss:  # back from per-patch standardised to image values
             pred = pred * jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6) + target.mean(-1, keepdims=True)
         mask = out["mask"][:, :, None]
-        recon = M.unpatchify(pred, grid, p)
-        pasted = M.unpatchify(pred * mask + target * (1 - mask), grid, p)
-        masked = M.unpatchify(target * (1 - mask), grid, p)
+        recon = M.unpatchify(pred, *grid, p)
+        pasted = M.unpatchify(pred * mask + target * (1 - mask), *grid, p)
+        masked = M.unpatchify(target * (1 - mask), *grid, p)
         if self.model.encoder_config.get("normalize", True):
             from defusion_jax.models.vit import IMAGENET_MEAN, IMAGENET_STD
 
             mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
             recon, pasted = recon * std + mean, pasted * std + mean
-            masked = (masked * std + mean) * (1 - M.unpatchify(jnp.broadcast_to(mask, pred.shape), grid, p))
+            masked = (masked * std + mean) * (1 - M.unpatchify(jnp.broadcast_to(mask, pred.shape), *grid, p))
         cols = {"image": x, "visible": masked, "recon": recon, "recon+visible": pasted}
-        return {k: jnp.clip(v[:n], 0.0, 1.0) for k, v in cols.items()}
+        return {k: jnp.clip(v, 0.0, 1.0) for k, v in cols.items()}
 
     # ---- export ------------------------------------------------------------------------------
     def final_report(self, params, frozen, workdir: str) -> None:

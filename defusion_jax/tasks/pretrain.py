@@ -230,11 +230,7 @@ class PretrainTask(Task):
 
     # ---- pictures ----------------------------------------------------------------------------
     def panel(self, params, frozen, batch, rng):
-        """Fig. 7 style: views, common, unique parts, fused image, MFM reconstruction.
-
-        Runs on the whole (sharded) batch and keeps the first `config.panel_samples` rows, so the
-        batch sharding never has to split a tiny slice."""
-        n = int(self.config.get("panel_samples", 2))
+        """Fig. 7 style: views, common, unique parts, fused image, MFM reconstruction."""
         if "image" in batch:
             clean = batch["image"].astype(jnp.float32)
             v, out = self._forward_single(params, clean, rng, deterministic=True)
@@ -248,7 +244,7 @@ class PretrainTask(Task):
             out = self.model.apply({"params": params}, ir, vi, mfm=False)
             cols = {"ir": ir, "vi": vi, "common": out["common"], "unique1": out["unique1"],
                     "unique2": out["unique2"], "fused": out["fused"]}
-        return {k: jnp.clip(x[:n].astype(jnp.float32), 0.0, 1.0) for k, x in cols.items()}
+        return {k: jnp.clip(x.astype(jnp.float32), 0.0, 1.0) for k, x in cols.items()}
 
 
 TASK = PretrainTask

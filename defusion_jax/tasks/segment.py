@@ -227,12 +227,12 @@ class SegmentTask(Task):
 
     # ---- pictures ----------------------------------------------------------------------------
     def panel(self, params, frozen, batch, rng):
-        n = int(self.config.get("panel_samples", 2))
         x1, x2 = self._views(batch)
         pred = jnp.argmax(self.model.apply({"params": params}, x1, x2), axis=-1)
         lut = jnp.asarray(msrs_seg.colorize(np.arange(256)), jnp.float32) / 255.0
-        return {"ir": batch["ir"][:n].astype(jnp.float32), "vi": batch["vi"][:n].astype(jnp.float32),
-                "label": lut[batch["label"][:n].astype(jnp.int32)], "prediction": lut[pred[:n]]}
+        paint = lambda c: lut.at[c].get(**sh.like_batch(c, c.ndim + 1))  # noqa: E731
+        return {"ir": batch["ir"].astype(jnp.float32), "vi": batch["vi"].astype(jnp.float32),
+                "label": paint(batch["label"].astype(jnp.int32)), "prediction": paint(pred)}
 
     # ---- evaluation --------------------------------------------------------------------------
     @property
