@@ -8,7 +8,9 @@
 The step is the trainer's update (defusion_jax.train: the task's loss_fn, value_and_grad, optax
 update, gradient and parameter norms), jitted with the train state donated, on device 0, or with
 `--devices N` data-parallel over the first N local devices (0 = all; the batch sharded, the state
-replicated, as the trainer's default mesh does; on a CPU, N host devices share its cores). Batches
+placed by the config's `sharding_rules` as the trainer places it: replicated by default, split with
+`:fsdp`; `--mesh-axis-types explicit` for an Explicit mesh; on a CPU, N host devices share its
+cores; with several devices the line lists the compiled step's collectives). Batches
 are made once and kept on the device, and `--steps` steps are dispatched back to back with a single
 synchronisation at the end, so the figure is the device's, without host or input-pipeline stalls
 (the input pipeline is measured by the trainer's own logs: it prefetches with worker threads).
@@ -67,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--remat", action="store_true", help="config.remat = True")
     ap.add_argument("--kind", choices=("single", "multi"), default="single")
     ap.add_argument("--devices", type=int, default=1, help="data-parallel over the first N local devices (0 = all)")
+    ap.add_argument("--mesh-axis-types", choices=("auto", "explicit"), default="auto",
+                    help="config.mesh_axis_types of the mesh the step is compiled for")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement (no MFU)")
     ap.add_argument("--xla-flags", default="")
     args = ap.parse_args(argv)
@@ -119,20 +123,24 @@ def main(argv=None):
     if len(devices) < max(args.devices, 1):
         print(f"error: --devices {args.devices} but only {len(devices)} local devices", file=sys.stderr)
         return 2
-    mesh = sh.make_mesh((("data", -1),), devices=devices)
+    mesh = sh.make_mesh((("data", -1),), args.mesh_axis_types, devices=devices)
     try:
         sh.batch_size_per_device(mesh, args.batch)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     record["devices"], record["processes"] = len(devices), jax.process_count()
+    record["mesh_axis_types"] = args.mesh_axis_types
     rep = sh.replicated(mesh)
     task = get_task(config.task)(config, mesh)
     tx, lr_fn = trainer.build_optimizer(config)
     frozen = jax.device_put(task.load_frozen(), rep)
 
     init_state, train_step = trainer.make_step_fns(task, tx, lr_fn)  # the trainer's own update
-    state = jax.jit(init_state, out_shardings=rep)(*jax.random.split(jax.random.key(0)))
+    keys = jax.random.split(jax.random.key(0))
+    state_sharding = trainer.state_shardings(config, jax.eval_shape(init_state, *keys), mesh)
+    record["sharded_arrays"] = sum(not s.is_fully_replicated for s in jax.tree.leaves(state_sharding))
+    state = jax.jit(init_state, out_shardings=state_sharding)(*keys)
     record["params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))
     rng = np.random.default_rng(0)
     shape = (args.batch, args.crop, args.crop, 3)
@@ -146,7 +154,7 @@ def main(argv=None):
     say = _common.log if jax.process_index() == 0 else (lambda *a: None)  # progress, for a run cut short
     say(f"train_step: {record['params']:,} parameters, batch {args.batch} x {args.crop}^2, "
         f"{record['compute_dtype']}, {len(devices)} device(s): compiling")
-    step_fn = trainer.jit_train_step(train_step, mesh)
+    step_fn = trainer.jit_train_step(train_step, mesh, state_sharding)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(state, frozen, batch).compile()

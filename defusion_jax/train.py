@@ -212,6 +212,14 @@ def make_step_fns(task, tx, lr_fn):
     return init_state, train_step
 
 
+def state_shardings(config, state_shape, mesh):
+    """Where the train state lives: `config.sharding_rules` (replicate / fsdp, first match wins)
+    applied to every parameter and optimiser array."""
+    return sh.tree_shardings(state_shape, mesh, _cfg_get(config, "sharding_rules", ((".*", "replicate"),)),
+                             fsdp_axis=_cfg_get(config, "fsdp_axis", "data"),
+                             fsdp_min_size=int(_cfg_get(config, "fsdp_min_size", 2**16)))
+
+
 def jit_train_step(train_step, mesh, state_sharding=None):
     """`train_step` jitted as the trainer runs it: the state donated and kept in `state_sharding`
     (default: replicated), the frozen parameters and metrics replicated, every batch leaf sharded
@@ -442,9 +450,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     stop.check()
 
     # ================================ Shardings ==================================================
-    state_sharding = sh.tree_shardings(state_shape, mesh, _cfg_get(config, "sharding_rules", ((".*", "replicate"),)),
-                                       fsdp_axis=_cfg_get(config, "fsdp_axis", "data"),
-                                       fsdp_min_size=int(_cfg_get(config, "fsdp_min_size", 2**16)))
+    state_sharding = state_shardings(config, state_shape, mesh)
     for line in sh.describe_shardings(state_shape["params"], state_sharding["params"]):
         logging.info("sharded param: %s", line)
     with _startup("frozen parameters"):
