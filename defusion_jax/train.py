@@ -181,8 +181,8 @@ def build_optimizer(config):
 
 # ---- the update --------------------------------------------------------------------------------
 def task_loss(task):
-    """`task.loss_fn` as the step differentiates it: in Explicit mode FSDP-sharded parameters are
-    gathered first (`sharding.gather_params`), so tasks never see a sharded weight."""
+    """`task.loss_fn` as the step differentiates it: FSDP-split parameters are gathered first
+    (`sharding.gather_params`), so tasks never see a split weight."""
     return lambda params, *args: task.loss_fn(sh.gather_params(params), *args)
 
 

@@ -120,7 +120,7 @@ def test_sharded_step_matches_single_device():
 COMM_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from configs.pretrain import get_config
-    from defusion_jax import sharding as sh
+    from defusion_jax import sharding as sh, train
     from defusion_jax.models.defusion import DeFusionPP
     from defusion_jax.tasks.pretrain import PretrainTask
 
@@ -146,6 +146,18 @@ COMM_SCRIPT = textwrap.dedent("""
         comm = sh.collectives(fuse.lower(params, b["a"], b["b"]).compile())
         assert not comm, comm
         print("fuse ok")
+
+    # FSDP: the split parameters are gathered where the step uses them (train.task_loss), in both
+    # mesh modes; Auto mode alone also moved activations (all-to-alls, collective-permutes)
+    for kind in ("auto", "explicit"):
+        mesh = sh.make_mesh((("data", -1),), kind)
+        split = jax.device_put(params, sh.tree_shardings(params, mesh, ((".*", "fsdp"),), fsdp_min_size=1024))
+        with jax.set_mesh(mesh):
+            grad = jax.jit(jax.value_and_grad(train.task_loss(task), has_aux=True))
+            comm = sh.collectives(grad.lower(split, jax.device_put(frozen, sh.replicated(mesh)), put({"image": x}),
+                                             jax.random.key(1), 0).compile())
+        assert set(comm) == {"all-gather", "all-reduce"}, (kind, comm)
+        print(kind, "fsdp ok", comm)
 """)
 
 
@@ -153,10 +165,12 @@ COMM_SCRIPT = textwrap.dedent("""
 def test_data_parallel_step_exchanges_only_gradients():
     """Under a batch-sharded 2-device mesh the training step's only collectives are the gradient
     all-reduces and fusion has none: the two views of a sample, stacked for the shared encoder and
-    the shared CA blocks, stay on the sample's device (`models.defusion.stack_pair`)."""
+    the shared CA blocks, stay on the sample's device (`models.defusion.stack_pair`). With FSDP the
+    step adds only the parameters' all-gathers, in Auto and Explicit mode alike."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", COMM_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "single step ok" in r.stdout and "multi step ok" in r.stdout and "fuse ok" in r.stdout
+    assert "auto fsdp ok" in r.stdout and "explicit fsdp ok" in r.stdout
 
