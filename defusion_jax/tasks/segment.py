@@ -36,7 +36,7 @@ from defusion_jax import sharding as sh
 from defusion_jax.data import msrs_seg, pipeline
 from defusion_jax.models.defusion import DeFusionPP
 from defusion_jax.models.seg_head import DeFusionSeg, build_seg_model
-from defusion_jax.params_io import CheckpointError, flatten, unflatten
+from defusion_jax.params_io import CheckpointError, first_few, flatten, unflatten
 from defusion_jax.tasks import (
     Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main,
 )
@@ -88,9 +88,10 @@ def transplant_backbone(source: Mapping, target: Mapping) -> tuple[dict, dict]:
     if missing or wrong:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} backbone parameters missing from the checkpoint (e.g. {missing[:3]})")
+            parts.append(f"{len(missing)} backbone parameters missing from the checkpoint ({first_few(missing)})")
         if wrong:
-            parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[:3]})")
+            parts.append(f"{len(wrong)} backbone parameters with another shape in the checkpoint than in the config "
+                         f"({first_few(wrong)})")
         raise ValueError("; ".join(parts) + ". config.model.backbone must describe the pretrained network")
     out = unflatten({k: np.asarray(src[k], dtype=v.dtype) for k, v in dst.items()})
     modules = lambda keys: sorted({k.split("/")[0] for k in keys})  # noqa: E731
