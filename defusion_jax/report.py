@@ -221,27 +221,32 @@ def pick_crop(images: list[np.ndarray], frac: float = 0.25) -> tuple[int, int, i
 
 def compare_grid(tiles: list[tuple[str, np.ndarray]], crop: tuple[int, int, int] | None = None,
                  tile_w: int = 256) -> Image.Image:
-    """Sources, ground truth and methods side by side (top row, crop outlined) with the zoomed crop below."""
+    """Sources, ground truth and methods side by side (top row, crop outlined) with the zoomed crop below.
+
+    Each whole image is `tile_w` wide, or at most twice that high (then narrower, centred): a tall,
+    thin image would otherwise make a canvas tens of thousands of pixels high."""
     font = _font(14)
     h0, w0 = tiles[0][1].shape[:2]
-    tile_h = max(1, round(h0 * tile_w / w0))
+    full_w, full_h = tile_w, max(1, round(h0 * tile_w / w0))
+    if full_h > 2 * tile_w:
+        full_w, full_h = max(1, round(w0 * 2 * tile_w / h0)), 2 * tile_w
     if crop is None:
         crop = pick_crop([t[1] for t in tiles[:2]])
     t, l, s = crop
     label_h = 22
-    canvas = Image.new("RGB", (len(tiles) * (tile_w + 4) + 4, label_h + tile_h + 4 + tile_w + 4), "white")
+    canvas = Image.new("RGB", (len(tiles) * (tile_w + 4) + 4, label_h + full_h + 4 + tile_w + 4), "white")
     draw = ImageDraw.Draw(canvas)
-    sx, sy = tile_w / w0, tile_h / h0
+    sx, sy = full_w / w0, full_h / h0
     for i, (name, img) in enumerate(tiles):
         x0 = 4 + i * (tile_w + 4)
         im = Image.fromarray(_rgb8(img))
-        full = im.resize((tile_w, tile_h), Image.LANCZOS)
+        full = im.resize((full_w, full_h), Image.LANCZOS)
         fd = ImageDraw.Draw(full)
         fd.rectangle([l * sx, t * sy, (l + s) * sx - 1, (t + s) * sy - 1], outline=(255, 0, 0), width=2)
-        canvas.paste(full, (x0, label_h))
+        canvas.paste(full, (x0 + (tile_w - full_w) // 2, label_h))
         zoom = im.crop((l, t, l + s, t + s))
         zoom = zoom.resize((tile_w, tile_w), Image.NEAREST if tile_w >= 2 * s else Image.LANCZOS)
-        canvas.paste(zoom, (x0, label_h + tile_h + 4))
+        canvas.paste(zoom, (x0, label_h + full_h + 4))
         text = name if draw.textlength(name, font=font) <= tile_w else name[: max(1, tile_w // 8)] + "…"
         draw.text((x0 + 2, 3), text, fill=(0, 0, 0), font=font)
     return canvas

@@ -212,6 +212,20 @@ def test_inf_means_rank_first_and_small_values_keep_digits():
     assert cells["a"][1] == "<u>0.00123</u>" and cells["b"][1] == "**0**"  # lower MSE is better
 
 
+def test_a_tall_thin_image_gives_a_compare_grid_of_bounded_size():
+    """The whole image fits a 256 x 512 box (it was always 256 wide: 64,000 px high for 2000 x 8)."""
+    from defusion_jax import report
+
+    x = np.full((2000, 8, 3), 200, np.uint8)
+    g = np.asarray(report.compare_grid([("ir", x), ("vi", x), ("m", x)]))
+    assert g.shape == (22 + 512 + 4 + 256 + 4, 3 * 260 + 4, 3), g.shape
+    row = g[22 + 100, 4:260]  # the strip (2 px wide for 512 px high), centred in its 256 px column
+    drawn = np.flatnonzero(np.any(row != 255, axis=-1))
+    assert len(drawn) == 2 and abs(drawn.mean() - 127.5) <= 1, drawn
+    wide = np.asarray(report.compare_grid([("ir", x[:8, :1].repeat(2000, axis=1))] * 2))
+    assert wide.shape[0] == 22 + 1 + 4 + 256 + 4  # a wide, short one keeps the full 256 px width
+
+
 def test_tiny_pairs_get_a_compare_grid(tmp_path):
     from defusion_jax import report
 
