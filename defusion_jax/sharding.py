@@ -18,6 +18,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, NamedSharding
@@ -157,7 +158,7 @@ def global_batch(batch, mesh):
 # sharding is part of an array's type: newly made arrays (random draws, broadcasts) come out
 # replicated, mixing them with batch-sharded ones is a type error, and most reshapes and slices of
 # a sharded axis need their output placement spelled out. These helpers say it once; outside
-# Explicit mode they are the plain operation.
+# Explicit mode they are the plain operation (shard_batch and gather_params also constrain Auto mode).
 def is_explicit(mesh=None) -> bool:
     """Whether the mesh (default: the one in context) has Explicit axis types."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
@@ -205,16 +206,12 @@ def like_batch(like: jax.Array, ndim: int) -> dict:
 
 def broadcast_batch(x: jax.Array, shape: Sequence[int], like: jax.Array) -> jax.Array:
     """`jnp.broadcast_to(x, shape)` with the leading (batch) axis placed like `like`'s."""
-    import jax.numpy as jnp
-
     return jnp.broadcast_to(x, shape, **like_batch(like, len(shape)))
 
 
 def reshape_batch(x: jax.Array, shape: Sequence[int]) -> jax.Array:
     """`x.reshape(shape)` for a reshape that keeps the leading (batch) axis, e.g. a token axis
     split into a grid, whose output placement Explicit mode cannot infer."""
-    import jax.numpy as jnp
-
     return jnp.reshape(x, shape, **like_batch(x, len(shape)))
 
 
