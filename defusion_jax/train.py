@@ -40,7 +40,7 @@ from defusion_jax import checkpoints, logging_utils, paths
 from defusion_jax import sharding as sh
 from defusion_jax.data import pipeline
 from defusion_jax.params_io import CheckpointError
-from defusion_jax.tasks import INIT_REPORT, get_task, read_init_report
+from defusion_jax.tasks import INIT_REPORT, get_task, read_init_report, trainer_keys
 
 
 class NonFiniteLoss(RuntimeError):
@@ -437,7 +437,7 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     # ================================ Model and optimiser shapes =================================
     with _startup("optimizer"):
         tx, lr_fn = build_optimizer(config)
-    rng_init, rng_loop = jax.random.split(jax.random.key(int(config.seed)))
+    rng_init, rng_loop = trainer_keys(config)
 
     init_state, train_step = make_step_fns(task, tx, lr_fn)
     programs = _programs_for(config, mesh)  # traced/compiled functions shared by identical runs

@@ -87,6 +87,15 @@ class Task:
         return None
 
 
+def trainer_keys(config):
+    """(rng_init, rng_loop): the trainer's parameter-init and loop keys, from `config.seed`. A task's
+    `load_init_params` initialises fresh parts with rng_init, so they come out as in a from-scratch
+    run of the same config (Flax derives each module's key from its path)."""
+    import jax
+
+    return tuple(jax.random.split(jax.random.key(int(config.seed))))
+
+
 def as_dict(cfg) -> dict:
     """A config block (ConfigDict, mapping or None) as a plain dict."""
     if cfg is None:
@@ -118,9 +127,10 @@ def check_same_structure(params, params_shape, source: str = "init"):
 
         have, need = ({"/".join(k) for k in traverse_util.flatten_dict(dict(t))} for t in (params, params_shape))
         diff = [f"{len(d)} {what} (e.g. {first_few(sorted(d))})" for d, what in
-                ((need - have, "arrays of the model are not in it"), (have - need, "of its arrays are not in the model"))
-                if d]
-        raise ValueError(f"{source}: parameter tree does not match the model being trained: {'; '.join(diff) or 'nesting differs'}")
+                ((need - have, "arrays of the model are not in it"),
+                 (have - need, "of its arrays are not in the model")) if d]
+        raise ValueError(f"{source}: parameter tree does not match the model being trained: "
+                         f"{'; '.join(diff) or 'nesting differs'}")
     bad = [f"{a.shape} vs {b.shape}" for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_shape))
            if tuple(a.shape) != tuple(b.shape)]
     if bad:

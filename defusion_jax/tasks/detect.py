@@ -36,7 +36,7 @@ from defusion_jax.data import m3fd, pipeline
 from defusion_jax.detection import evaluate as E
 from defusion_jax.detection.detector import DeFusionDetector, build_detector
 from defusion_jax.tasks import (
-    Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main,
+    Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, trainer_keys, workdir_eval_main,
 )
 
 REPORT_DIR = "report"
@@ -89,7 +89,7 @@ class DetectTask(Task):
         loaded = load_model(path)
         check_same_settings(loaded.module, self._model_cfg["backbone"])
         source = loaded.params
-        rng_init = jax.random.split(jax.random.key(int(self.config.seed)))[0]  # the trainer's init key
+        rng_init = trainer_keys(self.config)[0]  # the heads come out as in a from-scratch run
         # Only the heads are initialised here (what a from-scratch run gives them; see
         # DeFusionDetector.initialize_heads): no second compile of the whole model's init.
         dim = int(params_shape["backbone"]["enc_norm1"]["scale"].shape[0])

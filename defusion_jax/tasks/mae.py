@@ -31,7 +31,7 @@ from absl import logging
 
 from defusion_jax.models import mae as M
 from defusion_jax.params_io import CheckpointError, flatten
-from defusion_jax.tasks import Task, as_dict, check_same_structure
+from defusion_jax.tasks import Task, as_dict, check_same_structure, trainer_keys
 
 TEACHER_DIR = "teacher"
 
@@ -64,7 +64,7 @@ class MAETask(Task):
         return {"kind": "mae", **cfg}
 
     def load_init_params(self, path: str, params_shape: Any):
-        fresh = jax.device_get(jax.jit(self.init_params)(jax.random.split(jax.random.key(int(self.config.seed)))[0]))
+        fresh = jax.device_get(jax.jit(self.init_params)(trainer_keys(self.config)[0]))
         params, notes = M.init_from(path, self.model, fresh)
         for n in notes:
             logging.info("config.init: %s", n)

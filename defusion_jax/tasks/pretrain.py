@@ -26,7 +26,7 @@ from defusion_jax import sharding as sharding_lib
 from defusion_jax import views as V
 from defusion_jax.data import pipeline, sources
 from defusion_jax.models.defusion import MULTIMODAL_ONLY, DeFusionPP, build_model, init_params
-from defusion_jax.tasks import Task, as_dict, check_same_structure
+from defusion_jax.tasks import Task, as_dict, check_same_structure, trainer_keys
 
 TEACHER_HELP = (
     "Convert the MAE ViT-B/16 weights once with `python -m defusion_jax.convert vit --input "
@@ -85,8 +85,7 @@ class PretrainTask(Task):
         added = [k for k in MULTIMODAL_ONLY if k in params_shape and k not in source]
         dropped = [k for k in MULTIMODAL_ONLY if k in source and k not in params_shape]
         if added:
-            rng_init = jax.random.split(jax.random.key(int(self.config.seed)))[0]  # the trainer's init key
-            fresh = jax.device_get(jax.jit(self.init_params)(rng_init))
+            fresh = jax.device_get(jax.jit(self.init_params)(trainer_keys(self.config)[0]))
             source.update({k: fresh[k] for k in added})
         for k in dropped:
             del source[k]

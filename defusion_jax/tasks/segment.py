@@ -38,7 +38,7 @@ from defusion_jax.models.defusion import DeFusionPP
 from defusion_jax.models.seg_head import DeFusionSeg, build_seg_model
 from defusion_jax.params_io import CheckpointError, first_few, flatten, unflatten
 from defusion_jax.tasks import (
-    Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, workdir_eval_main,
+    Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, trainer_keys, workdir_eval_main,
 )
 
 # (view 1, view 2) fed to the network; view 1 takes the infrared role of pretraining's MCUD.
@@ -183,9 +183,7 @@ class SegmentTask(Task):
         loaded = load_model(path)
         check_same_settings(loaded.module, self._model_cfg["backbone"])
         source = loaded.params
-        # The trainer's init key (train.py: split(key(seed))[0]); Flax derives each module's key from
-        # its path, so the head comes out exactly as in a from-scratch run of this config.
-        rng_init = jax.random.split(jax.random.key(int(self.config.seed)))[0]
+        rng_init = trainer_keys(self.config)[0]  # the head comes out as in a from-scratch run
         backbone_shape = jax.eval_shape(self.init_params, rng_init)["backbone"]
         try:
             backbone, report = transplant_backbone(source, backbone_shape)
