@@ -229,11 +229,9 @@ def vmap_batch(fn):
     mapped = jax.vmap(fn)
 
     def run(*args):
-        mesh = jax.sharding.get_abstract_mesh()
-        if not is_explicit(mesh):
+        if not is_explicit():
             return mapped(*args)
-        size = jax.tree.leaves(args)[0].shape[0]
-        spec = batch_spec(mesh) if not size % _ways(mesh, batch_axes(mesh)) else P()
+        spec = batch_out_sharding(jax.tree.leaves(args)[0].shape[:1]).get("out_sharding", P())
         return jax.sharding.auto_axes(mapped, out_sharding=spec)(*args)
 
     return run
