@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping
 import jax
 import numpy as np
 
-from defusion_jax.params_io import CheckpointError, first_few, flatten, read_state_dict, save_params, unflatten
+from defusion_jax.params_io import CheckpointError, describe_mismatch, flatten, read_state_dict, save_params, unflatten
 
 _INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
@@ -91,11 +91,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[s
         else:
             flat[fk] = np.ascontiguousarray(fv, dtype=np.float32)
     missing = [torch_key(k) for k in expected if k not in flat and k not in misshapen]
-    if missing or unexpected or bad_shape:
-        # a wholly different network has hundreds: counts and the first three of each kind
-        parts = [f"{what} {len(items)} ({first_few(items)})" for what, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", bad_shape)) if items]
-        raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
+    problem = describe_mismatch(missing, unexpected, bad_shape)
+    if problem:
+        raise CheckpointError(f"{source}: does not match the model: {problem}")
     return flat, notes
 
 

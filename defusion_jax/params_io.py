@@ -115,6 +115,31 @@ def first_few(items, n: int = 3) -> str:
     return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
 
 
+def describe_mismatch(missing=(), unexpected=(), wrong=()) -> str | None:
+    """'missing keys 2 (a, b); unexpected keys 1 (c); wrong shapes ...': one line for a parameter set
+    that does not fit a model, a count and the first few names of each kind (a wholly different
+    network has hundreds), or None when all three are empty."""
+    parts = [f"{what} {len(items)} ({first_few(items)})" for what, items in
+             (("missing keys", list(missing)), ("unexpected keys", list(unexpected)), ("wrong shapes", list(wrong)))
+             if items]
+    return "; ".join(parts) or None
+
+
+def shape_mismatch(got: Mapping[str, tuple], want: Mapping[str, tuple], *, extra_ok: bool = False) -> str | None:
+    """`describe_mismatch` of two flat {name: shape} maps: what `got` lacks, has besides (unless
+    `extra_ok`) and has with another shape than `want`; None when `got` fits."""
+    missing = sorted(set(want) - set(got))
+    unexpected = [] if extra_ok else sorted(set(got) - set(want))
+    wrong = [f"{k} {tuple(got[k])} (expected {tuple(want[k])})" for k in sorted(set(want) & set(got))
+             if tuple(got[k]) != tuple(want[k])]
+    return describe_mismatch(missing, unexpected, wrong)
+
+
+def flat_shapes(params: Mapping) -> dict[str, tuple]:
+    """{'a/b/kernel': shape} of a tree of arrays or shape structs."""
+    return {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+
+
 def flatten(params: Mapping) -> dict[str, np.ndarray]:
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
 

@@ -139,9 +139,9 @@ def test_load_init_params_takes_only_the_backbone(tmp_path):
         segment.SegmentTask(other, mesh()).load_init_params(str(folder), None)
     cfg.model.backbone.dim = 32  # a backbone that does not match the checkpoint: one clear line, the
     # first three names (no Python list repr) and how many there are
-    with pytest.raises(ValueError, match=r"^28 backbone parameters with another shape in the checkpoint than in "
-                                         r"the config \(decode_common_skipconn/linear1/bias \(256,\) vs \(128,\), "
-                                         r"[^\['\]]*, \.\.\.\)\. config\.model\.backbone must describe"):
+    with pytest.raises(ValueError, match=r"^the checkpoint does not hold the backbone config\.model\.backbone "
+                                         r"describes: wrong shapes 28 \(decode_common_skipconn/linear1/bias \(256,\) "
+                                         r"\(expected \(128,\)\), [^\['\]]*, \.\.\.\)$"):
         segment.SegmentTask(cfg, mesh()).load_init_params(str(folder), None)
 
 

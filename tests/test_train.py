@@ -247,10 +247,11 @@ def test_init_crosses_between_cud_only_and_multimodal_networks(smoke, tmp_path):
             if k not in MULTIMODAL_ONLY:
                 jax.tree.map(np.testing.assert_array_equal, got[k], params[k])
         assert (set(MULTIMODAL_ONLY) <= set(got)) == (mm_ratio > 0)
-    with pytest.raises(ValueError, match=r"x: parameter tree does not match the model being trained: 1 arrays of the "
-                                         r"model are not in it \(e.g. b/w\); 1 of its arrays are not in the model "
-                                         r"\(e.g. a/w\)"):
+    with pytest.raises(ValueError, match=r"^x: parameters do not match the model being trained: missing keys 1 "
+                                         r"\(b/w\); unexpected keys 1 \(a/w\)$"):
         check_same_structure({"a": {"w": np.zeros(1)}}, {"b": {"w": np.zeros(1)}}, "x")
+    with pytest.raises(ValueError, match=r"^x: .*: wrong shapes 1 \(a/w \(2,\) \(expected \(1,\)\)\)$"):
+        check_same_structure({"a": {"w": np.zeros(2)}}, {"a": {"w": np.zeros(1)}}, "x")
 
 
 def test_overfits_two_images(smoke, tmp_path):

@@ -482,14 +482,13 @@ def load(path, *, normalize: bool | None = False, dtype: Any = jnp.float32, **co
     `normalize` says what `x` is: False (default, as timm) -> NHWC ImageNet-normalised images;
     True -> NHWC [0,1] images, normalised inside (what the trainers feed); None -> as stored in
     the folder's model.json. Params are a plain dict of float32 numpy arrays, checked against the
-    module's parameter tree (one error listing every missing, unexpected or mis-shaped key).
+    module's parameter tree (one line counting the missing, unexpected and mis-shaped keys and
+    naming the first few of each).
     """
     import dataclasses
     from pathlib import Path
 
-    from flax import traverse_util
-
-    from defusion_jax.params_io import CheckpointError, flatten, is_params_dir, load_params
+    from defusion_jax.params_io import CheckpointError, flat_shapes, is_params_dir, load_params, shape_mismatch
 
     path = Path(path)
     if is_params_dir(path):
@@ -514,15 +513,7 @@ def load(path, *, normalize: bool | None = False, dtype: Any = jnp.float32, **co
     gh, gw = module.posemb_grid
     shapes = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, gh * module.patch, gw * module.patch, 3))),
                             jax.random.key(0))["params"]
-    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(shapes)).items()}
-    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
-    missing = sorted(set(want) - set(got))
-    unexpected = sorted(set(got) - set(want))
-    wrong = [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(want) & set(got)) if want[k] != got[k]]
-    if missing or unexpected or wrong:
-        def few(items):  # the message stays one readable line for a wholly wrong folder too
-            return str(items[:12])[:-1] + (f", ... {len(items) - 12} more]" if len(items) > 12 else "]")
-
-        raise CheckpointError(f"{path}: parameters do not match the ViT config in model.json: missing "
-                              f"{few(missing)}, unexpected {few(unexpected)}, wrong shapes {few(wrong)}")
+    problem = shape_mismatch(flat_shapes(params), flat_shapes(shapes))
+    if problem:
+        raise CheckpointError(f"{path}: parameters do not match the ViT config in model.json: {problem}")
     return module, jax.tree.map(lambda v: np.asarray(v, np.float32), params)

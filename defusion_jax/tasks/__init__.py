@@ -116,25 +116,17 @@ def backbone_model_config(config) -> dict:
 
 
 def check_same_structure(params, params_shape, source: str = "init"):
+    """`params` as they are, or a ValueError whose one line says how they differ from `params_shape`
+    (the model being trained): missing, unexpected and mis-shaped keys, or the nesting."""
     import jax
 
-    got = jax.tree_util.tree_structure(params)
-    want = jax.tree_util.tree_structure(params_shape)
-    if got != want:
-        from flax import traverse_util
+    from defusion_jax.params_io import flat_shapes, shape_mismatch
 
-        from defusion_jax.params_io import first_few
-
-        have, need = ({"/".join(k) for k in traverse_util.flatten_dict(dict(t))} for t in (params, params_shape))
-        diff = [f"{len(d)} {what} (e.g. {first_few(sorted(d))})" for d, what in
-                ((need - have, "arrays of the model are not in it"),
-                 (have - need, "of its arrays are not in the model")) if d]
-        raise ValueError(f"{source}: parameter tree does not match the model being trained: "
-                         f"{'; '.join(diff) or 'nesting differs'}")
-    bad = [f"{a.shape} vs {b.shape}" for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_shape))
-           if tuple(a.shape) != tuple(b.shape)]
-    if bad:
-        raise ValueError(f"{source}: {len(bad)} parameter shapes differ from the model, e.g. {bad[0]}")
+    problem = shape_mismatch(flat_shapes(params), flat_shapes(params_shape))
+    if problem is None and jax.tree.structure(params) != jax.tree.structure(params_shape):
+        problem = "nesting differs"
+    if problem:
+        raise ValueError(f"{source}: parameters do not match the model being trained: {problem}")
     return params
 
 

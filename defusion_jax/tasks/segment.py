@@ -36,7 +36,7 @@ from defusion_jax import sharding as sh
 from defusion_jax.data import msrs_seg, pipeline
 from defusion_jax.models.defusion import DeFusionPP
 from defusion_jax.models.seg_head import DeFusionSeg, build_seg_model
-from defusion_jax.params_io import CheckpointError, first_few, flatten, unflatten
+from defusion_jax.params_io import CheckpointError, flat_shapes, flatten, shape_mismatch, unflatten
 from defusion_jax.tasks import (
     Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, trainer_keys, workdir_eval_main,
 )
@@ -83,16 +83,9 @@ def transplant_backbone(source: Mapping, target: Mapping) -> tuple[dict, dict]:
     `source`, or with another shape, is an error naming the first few."""
     src = flatten(source)
     dst = {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(target)).items()}  # arrays or shapes
-    missing = sorted(k for k in dst if k not in src)
-    wrong = sorted(f"{k} {src[k].shape} vs {dst[k].shape}" for k in dst if k in src and src[k].shape != dst[k].shape)
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} backbone parameters missing from the checkpoint ({first_few(missing)})")
-        if wrong:
-            parts.append(f"{len(wrong)} backbone parameters with another shape in the checkpoint than in the config "
-                         f"({first_few(wrong)})")
-        raise ValueError("; ".join(parts) + ". config.model.backbone must describe the pretrained network")
+    problem = shape_mismatch(flat_shapes(source), flat_shapes(target), extra_ok=True)
+    if problem:
+        raise ValueError(f"the checkpoint does not hold the backbone config.model.backbone describes: {problem}")
     out = unflatten({k: np.asarray(src[k], dtype=v.dtype) for k, v in dst.items()})
     modules = lambda keys: sorted({k.split("/")[0] for k in keys})  # noqa: E731
     dropped = [k for k in src if k not in dst]
