@@ -21,13 +21,11 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from defusion_jax import exported
 from defusion_jax.imageio import atomic_path, atomic_write_bytes
 
 ROLES = {"ivf": ("ir", "vi"), "mef": ("under", "over"), "mff": ("A", "B")}
@@ -251,25 +249,21 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
     fused (unreadable or mismatched sources), each with its warning; those pairs are skipped.
     """
     try:
-        from defusion_jax.api import load_model
+        from defusion_jax import fuse, inference
     except ImportError as exc:
-        raise UsageError(f"--model needs the DeFusion++ network code (defusion_jax.api), which failed to import: {exc}")
+        raise UsageError(f"--model needs the DeFusion++ network code (defusion_jax.fuse), which failed to import: {exc}")
     from tqdm import tqdm
 
-    def load():
+    def load():  # any form `fuse --model` takes: checkpoint, workdir, converted or export folder
         try:
-            if Path(model_path).is_dir() and exported.is_export_dir(model_path):  # `fuse --model` takes these too
-                from defusion_jax import inference
-
-                runner = inference.ExportedRunner(exported.load(model_path))
-                return types.SimpleNamespace(fuse_image=lambda a, b, task: inference.fuse_pair(runner, a, b, task))
-            return load_model(model_path)
-        except Exception as exc:  # noqa: BLE001 - any load failure is a user-facing input problem
-            raise UsageError(f"--model {model_path}: {exc}")
+            return fuse.load_runner(model_path)
+        except fuse.InputError as exc:
+            raise UsageError(f"--model: {exc}")
 
     # A checkpoint file is identified without loading it, so a rerun that reuses every PNG skips the load.
-    model = None if Path(model_path).is_file() else load()
-    fp = model_fingerprint(model_path, getattr(model, "meta", None))
+    runner = None if Path(model_path).is_file() else load()
+    meta = getattr(getattr(runner, "model", None), "meta", None)  # an export folder has none
+    fp = model_fingerprint(model_path, meta)
     root = out / "fused" / name
     try:
         marker = json.loads((root / MARKER).read_text())
@@ -296,15 +290,15 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
     if reused:
         print(f"note: {name}: reused {reused} of {_plural(len(items), 'fused image')} in {root} (made by the same "
               f"model from the same sources); fusing {len(todo)}", file=sys.stderr)
-    if todo and model is None:
-        model = load()
     for it, png, key, sig in tqdm(todo, desc=f"fusing with {name}", unit="pair", disable=not todo):
         warnings: list[str] = []
         src = read_sources(it, warnings)
         if src is None:
             bad[it] = "; ".join(warnings)
             continue
-        f = model.fuse_image(src[0], src[1], task)  # stored uint8/uint16/grey: the API's input rule scales them
+        if runner is None:  # at the first readable pair: a rerun left with unreadable pairs only loads nothing
+            runner = load()
+        f = inference.fuse_pair(runner, src[0], src[1], task)  # stored uint8/uint16/grey: scaled as by the API
         _save_png(png, np.clip(np.rint(np.asarray(f) * 255.0), 0, 255).astype(np.uint8))
         marker["pairs"][key] = sig
         _write_json(root / MARKER, marker)

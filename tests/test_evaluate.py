@@ -1,6 +1,7 @@
 """The evaluation command end to end on tiny generated data."""
 import csv
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -134,26 +135,25 @@ def test_model_without_network_code_is_a_clear_error(mff_data, capsys, monkeypat
 
 
 def test_model_fusion_path_with_a_stub(mff_data, monkeypatch):
-    import types
-
-    from defusion_jax.exported import as_unit_float
-
     root, ds = mff_data
+    seen = []
 
-    class Stub:
-        def fuse_image(self, a, b, task):
-            # the sources as stored: FusionModel.fuse_image scales them by the API's input rule
-            assert a.ndim == 3 and a.shape[-1] == 3 and a.dtype == np.uint8 and task == "mff"
-            return np.maximum(as_unit_float(a), as_unit_float(b))
+    def check(a, b):  # the stored uint8 sources reach the network as the official padded [0, 1] canvas
+        seen.append(a.shape)
+        assert a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
 
-    monkeypatch.setitem(sys.modules, "defusion_jax.api", types.SimpleNamespace(load_model=lambda p: Stub()))
+    _stub_model(monkeypatch, check=check)
     ckpt = root / "model.pth"
     ckpt.write_bytes(b"")
     out = root / "m"
     assert evaluate.main(["--task", "mff", "--pairs", str(ds), "--model", str(ckpt), "--metrics", "PSNR_gt",
                           "--out", str(out), "--workers", "1", "--no-compare"]) == 0
+    # 64 x 72 + 16 px reflect border on each side -> 96 x 112 (multiples of 16)
+    assert seen == [(1, 96, 112, 3)] * 2, seen
     assert {r["method"] for r in _read(out / "per_image.csv")} == {"DeFusion++"}
-    assert (out / "fused" / "DeFusion++" / "Synth" / "im1.png").is_file()
+    a, b = (np.asarray(Image.open(ds / d / "im1.png").convert("RGB")) for d in ("A", "B"))
+    fused = np.asarray(Image.open(out / "fused" / "DeFusion++" / "Synth" / "im1.png"))
+    np.testing.assert_array_equal(fused, np.maximum(a, b))  # cropped back to the pair, pixel for pixel
 
 
 def _rows(ds, method, metric, values):
@@ -385,17 +385,21 @@ def test_pool_workers_leave_ctrl_c_to_the_parent():
         signal.signal(signal.SIGINT, old)
 
 
-def _stub_model(monkeypatch, meta=None, fail_at=None):
-    import types
-
+def _stub_model(monkeypatch, meta=None, fail_at=None, check=None):
+    """A stand-in network behind `load_model` (so evaluate's runner, padding and cropping are the real
+    ones) that fuses by the maximum; returns the list of its calls."""
     calls = []
 
     class Stub:
+        module = types.SimpleNamespace(patch=16)
+
         def __init__(self):
             self.meta = dict(meta or {})
 
-        def fuse_image(self, a, b, task):
-            calls.append(task)
+        def fuse(self, a, b, direction, precision=None):
+            calls.append(a.shape)
+            if check is not None:
+                check(a, b)
             if fail_at is not None and len(calls) == fail_at:
                 raise KeyboardInterrupt
             return np.maximum(a, b)
@@ -478,6 +482,10 @@ def test_model_skips_a_pair_with_an_unreadable_source(mff_data, monkeypatch, cap
     err = capsys.readouterr().err
     assert "Synth/im1: source: cannot read" in err and "Traceback" not in err
     assert "1 pair skipped" in (out / "summary.md").read_text()
+    loads = []  # a rerun left with the unreadable pair only must not load the network
+    monkeypatch.setitem(sys.modules, "defusion_jax.api", types.SimpleNamespace(load_model=loads.append))
+    assert _model_run(ds, out, ckpt) == 0 and loads == [] and len(calls) == 1  # im0 reused, im1 still unreadable
+    assert "Synth/im1: source: cannot read" in capsys.readouterr().err
 
 
 def test_clip_scorer_built_once_and_warnings_printed_once(mff_data, monkeypatch, capsys):
