@@ -32,6 +32,7 @@ on the values); both get the same images, masks and batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -285,6 +286,8 @@ def main(argv=None):
     ap.add_argument("--ours-step", choices=("auto", "trainer", "local", "standin"), default="auto")
     ap.add_argument("--dtype", default="float32", help="our compute dtype (float32 or bfloat16)")
     ap.add_argument("--remat", action="store_true", help="rematerialise our encoder blocks")
+    ap.add_argument("--precision", default=None, help="our matmul precision (jax.default_matmul_precision, e.g. "
+                    "bfloat16: bfloat16 operands with float32 sums; default: JAX's, float32 on CPU)")
     ap.add_argument("--only", choices=("train", "eval", "both"), default="both")
     ap.add_argument("--xla-flags", default="", help="extra XLA flags for this process")
     ap.add_argument("--side", choices=("both", "official", "ours"), default="both",
@@ -322,6 +325,9 @@ def main(argv=None):
 
     timings: dict[str, list[float]] = {}
     plan = []  # (name, fn, sync, calls)
+    record["precision"] = args.precision or "jax default"
+    precision = lambda: (jax.default_matmul_precision(args.precision) if args.precision  # noqa: E731
+                         else contextlib.nullcontext())
 
     if official is not None:
         import torch
@@ -363,7 +369,8 @@ def main(argv=None):
         holder = {"state": state}
 
         def ours_train():
-            holder["state"], metrics = step(holder["state"], jbatch)
+            with precision():
+                holder["state"], metrics = step(holder["state"], jbatch)
             return metrics
 
         plan.append(("ours_train", ours_train, jax.block_until_ready, args.steps))
@@ -378,7 +385,8 @@ def main(argv=None):
 
         def ours_eval():
             counter["i"] += 1
-            return forward(eparams, a, b, jax.random.key(counter["i"]))
+            with precision():
+                return forward(eparams, a, b, jax.random.key(counter["i"]))
 
         plan.append(("ours_eval", ours_eval, jax.block_until_ready, eval_steps))
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from defusion_jax.exported import FORMAT, MANIFEST, is_export_dir
+from defusion_jax.inference import MATMUL_PRECISIONS
 
 FUNCTION_FILE = "fuse.jax"
 WEIGHTS_FILE = "weights.npz"
@@ -187,8 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--direction", default="q_view2", choices=("q_view2", "q_view1"),
                     help="common-feature direction baked into the function (default q_view2)")
     ap.add_argument("--platforms", default=",".join(PLATFORMS), help="comma-separated: cpu,cuda,rocm,tpu (default cpu,cuda,tpu)")
-    ap.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
-                    help="matmul precision on accelerators (default highest: float32 like the reference)")
+    ap.add_argument("--precision", default="highest", choices=MATMUL_PRECISIONS,
+                    help="matmul precision baked into the function (default highest: float32 like the reference; "
+                         "see `fuse --help`)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing export folder (only one holding nothing but an export's files)")
     args = ap.parse_args(argv)

@@ -110,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-pixels", type=positive_int, metavar="N", help="largest canvas (pixels) one pass may take")
     ap.add_argument("--overlap", type=int, default=inference.DEFAULT_OVERLAP,
                     help=f"tile overlap in pixels (default {inference.DEFAULT_OVERLAP})")
-    ap.add_argument("--precision", choices=("highest", "high", "default"),
-                    help="matmul precision on accelerators (default highest: float32; an export folder has "
-                         "its own baked in, and a different value is an error)")
+    ap.add_argument("--precision", choices=inference.MATMUL_PRECISIONS,
+                    help="matmul precision (default highest: float32 products; high/default: faster passes on "
+                         "GPUs/TPUs; bfloat16: bfloat16 operands with float32 sums on any device, faster on CPUs "
+                         "with bfloat16 instructions such as Zen 4; an export folder has its own baked in, and "
+                         "a different value is an error)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     return ap
 

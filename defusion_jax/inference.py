@@ -35,6 +35,11 @@ BORDER = 16  # the official test script reflect-pads 16 px on every side
 TASKS = ("ivf", "mef", "mff")
 PARTS = ("common", "unique1", "unique2")
 DEFAULT_OVERLAP = 64
+# `precision=` values of FusionModel, `fuse --precision` and `export --precision`: highest (float32
+# products, the default, like the PyTorch reference), high/default (XLA's faster passes on GPUs and
+# TPUs; no effect on CPU), bfloat16 (bfloat16 operands and float32 sums on every backend,
+# `models.vit.bf16_products`)
+MATMUL_PRECISIONS = ("highest", "high", "default", "bfloat16")
 # Peak memory of one forward pass ~ A*N^2 + B*N + C bytes for N tokens (batch 1), fitted to XLA's
 # `memory_analysis()` of the official-size network: on CPU the model writes attention out
 # heads-major with post-normalisation (107 B*N^2 + 35 kB*N measured at N = 806 and 2305); other

@@ -667,6 +667,49 @@ def test_api_runs_at_the_clis_matmul_precision_by_default(tiny_model, monkeypatc
     assert seen == ["highest", "highest", "highest", "high", None, "default"]
 
 
+def _products(jaxpr) -> list[tuple[tuple[str, ...], int]]:
+    """(operand dtypes, largest operand rank) of every dot_general in a jaxpr and its sub-jaxprs."""
+    out = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            out.append((tuple(str(v.aval.dtype) for v in e.invars), max(v.aval.ndim for v in e.invars)))
+        for value in e.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    out.extend(_products(sub))
+    return out
+
+
+def test_bfloat16_precision_rounds_every_token_product(tiny_model):
+    """precision="bfloat16" (API, CLI, export): every product over tokens takes bfloat16 operands
+    with float32 sums, which XLA:CPU would not do for the setting alone (`models.vit.bf16_products`);
+    the output moves by bfloat16 rounding and no more. The weight-only compositions of the
+    cross-attention projections stay float32."""
+    import jax
+
+    from defusion_jax.models.defusion import DeFusionPP
+
+    m = tiny_model
+    a, b = RNG.random((2, 1, 32, 48, 3)).astype(np.float32)
+
+    def products(precision):
+        with jax.default_matmul_precision(precision):
+            jaxpr = jax.make_jaxpr(lambda p: m.module.apply({"params": p}, a, b, method=DeFusionPP.fuse))(m.params)
+        return _products(jaxpr.jaxpr)
+
+    assert {d for dtypes, _ in products("highest") for d in dtypes} == {"float32"}
+    got = products("bfloat16")
+    over_tokens = {d for dtypes, rank in got if rank >= 3 for d in dtypes}  # (B, L, D) and (B, H, L, Dh)
+    weights_only = {d for dtypes, rank in got if rank <= 2 for d in dtypes}
+    assert over_tokens == {"bfloat16"} and weights_only == {"float32"}, got
+    ref, low = (np.asarray(m.fuse(a, b, precision=p), np.float64) for p in ("highest", "bfloat16"))
+    rel = np.linalg.norm(low - ref) / np.linalg.norm(ref)
+    assert 1e-4 < rel < 2e-2, rel
+    assert fuse.build_parser().parse_args(["--model", "m", "--task", "mef", "--a", "a", "--b", "b", "--out", "o",
+                                           "--precision", "bfloat16"]).precision == "bfloat16"
+
+
 def test_depth_note_only_when_samples_are_lost():
     from defusion_jax.fuse import _depth_for
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from defusion_jax.models.vit import DenseParams, Dropout, attention, from_heads, to_heads
+from defusion_jax.models.vit import Dense, DenseParams, Dropout, attention, from_heads, to_heads
 
 
 class MultiheadAttention(nn.Module):
@@ -99,6 +99,6 @@ class CABlock(nn.Module):
         attn = CrossAttentionTask(self.num_heads, self.common, self.dtype,
                                   name="multi_input_self_attn")(x1, x2, deterministic)
         src = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm1")(x2 + drop(attn))
-        ff = nn.Dense(self.mlp_dim, dtype=self.dtype, name="linear1")(src)
-        ff = nn.Dense(src.shape[-1], dtype=self.dtype, name="linear2")(drop(jax.nn.relu(ff)))
+        ff = Dense(self.mlp_dim, dtype=self.dtype, name="linear1")(src)
+        ff = Dense(src.shape[-1], dtype=self.dtype, name="linear2")(drop(jax.nn.relu(ff)))
         return nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm2")(src + drop(ff))

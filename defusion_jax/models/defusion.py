@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from defusion_jax.models.cross_attention import CABlock
-from defusion_jax.models.vit import Block, patchify, random_masking, restore_masked_tokens, unpatchify, vit_from_config
+from defusion_jax.models.vit import (Block, Dense, patchify, random_masking, restore_masked_tokens, unpatchify,
+                                     vit_from_config)
 
 DIRECTIONS = ("q_view2", "q_view1")
 # The parameters only a multi-modal network (MCUD, `multimodal=True`) has: the Eq. 6 heads
@@ -103,7 +104,7 @@ class DeFusionPP(nn.Module):
         out = self.patch * self.patch * 3
         blk = lambda: Block(self.heads, mlp, self.eps, dtype=self.dtype)  # noqa: E731
         ca = lambda common: CABlock(self.heads, common, mlp, self.dropout, self.eps, self.dtype)  # noqa: E731
-        dense = lambda n: nn.Dense(n, dtype=self.dtype)  # noqa: E731
+        dense = lambda n: Dense(n, dtype=self.dtype)  # noqa: E731
         ln = lambda **kw: nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, **kw)  # noqa: E731
 
         # Attribute names are the official module names, so parameters convert by a generic rename.

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from defusion_jax.models.vit import (Block, ViT, normalize_imagenet, patchify, random_masking,  # noqa: F401
+from defusion_jax.models.vit import (Block, Dense, ViT, normalize_imagenet, patchify, random_masking,  # noqa: F401
                                      restore_masked_tokens, sincos_table, unpatchify, vit_from_config)
 
 MAE_DECODER = dict(width=512, depth=8, heads=16, mlp_dim=2048)  # MAE's ViT-B/L decoder
@@ -78,7 +78,7 @@ class MAE(nn.Module):
     def setup(self):
         self.encoder = encoder_from_config({**dict(self.encoder_config), "dtype": self.dtype})
         p = self.encoder.patch
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda n, name: Dense(n, dtype=self.dtype, name=name)  # noqa: E731
         self.decoder_embed = dense(self.decoder_width, "decoder_embed")
         self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width))
         self.decoder_blocks = [Block(self.decoder_heads, self.decoder_mlp_dim, 1e-6, dtype=self.dtype,

@@ -174,6 +174,40 @@ def resample_table(table: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int,
     return jnp.concatenate([cls, grid.reshape(-1, grid.shape[-1])], axis=0)
 
 
+# ---- products ----------------------------------------------------------------------------------
+def bf16_products() -> bool:
+    """Whether the model's products take bfloat16 operands (float32 sums) in this trace: under
+    `jax.default_matmul_precision("bfloat16")`. The model casts the operands itself (`product`,
+    `dot_general`) because XLA does not: XLA:CPU ignores matmul precision and XLA:GPU runs its
+    default (TF32) for it, so the same setting gives the same rounding on every backend (on TPU it
+    is what XLA does anyway). It pays on CPUs with bfloat16 matmul instructions (docs/benchmarks.md:
+    the fusion forward ~1.2-1.35x faster on a Zen 4) and costs on CPUs without them."""
+    return jax.config.jax_default_matmul_precision == "bfloat16"
+
+
+def _operands(x: jax.Array, y: jax.Array):
+    """(x, y, preferred result type): float32 operands cast to bfloat16 where `bf16_products()`."""
+    if x.dtype == jnp.float32 and y.dtype == jnp.float32 and bf16_products():
+        return x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), jnp.float32
+    return x, y, None
+
+
+def product(subscripts: str, x: jax.Array, y: jax.Array, preferred_element_type: Any = None) -> jax.Array:
+    """`jnp.einsum` of two arrays, as every product of the models' forward passes is computed."""
+    x, y, preferred = _operands(x, y)
+    return jnp.einsum(subscripts, x, y, preferred_element_type=preferred_element_type or preferred)
+
+
+def dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None):
+    """`jax.lax.dot_general` for `Dense`, with `product`'s operand rule."""
+    x, y, preferred = _operands(x, y)
+    return jax.lax.dot_general(x, y, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type or preferred)
+
+
+Dense = functools.partial(nn.Dense, dot_general=dot_general)  # nn.Dense's parameters and names
+
+
 def _cudnn_attention_ok(q: jax.Array) -> bool:
     """cuDNN flash attention (GPU, 16-bit, head dim a multiple of 8 up to 128), unless disabled."""
     return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
@@ -185,11 +219,11 @@ def _softmax_attention_fwd(q, k, v):
     # scaling q (L x Dh) instead of the logits (L x L): XLA:CPU otherwise feeds the fused
     # attention a materialised (B, H, L, L) broadcast of the scalar
     qs = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", qs, k, preferred_element_type=jnp.float32)
+    logits = product("bhqd,bhkd->bhqk", qs, k, preferred_element_type=jnp.float32)
     # the shift only guards exp against overflow; the result does not depend on it
     e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
     total = e.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+    out = product("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
     return out.astype(q.dtype), (qs, k, v, e, total, out)
 
 
@@ -253,9 +287,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module | Non
                     pass
             return jnp.swapaxes(jax.nn.dot_product_attention(qb, kb, vb), 1, 2)
         return softmax_attention(q, k, v)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
+    logits = product("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
     probs = dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return product("bhqk,bhkd->bhqd", probs, v)
 
 
 class DenseParams(nn.Module):
@@ -281,7 +315,7 @@ def to_heads(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads: int, d
     d_in, d_out = kernel.shape
     dh = d_out // (parts * num_heads)
     w = kernel.astype(dtype).reshape(d_in, parts, num_heads, dh)
-    y = jnp.einsum("bld,dphe->pbhle", x.astype(dtype), w) + bias.astype(dtype).reshape(parts, 1, num_heads, 1, dh)
+    y = product("bld,dphe->pbhle", x.astype(dtype), w) + bias.astype(dtype).reshape(parts, 1, num_heads, 1, dh)
     return y[0] if parts == 1 else y
 
 
@@ -289,7 +323,7 @@ def from_heads(o: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Any) -> 
     """Merge heads and project: (B, H, L, Dh) -> (B, L, D_out), i.e. concat_heads(o) @ kernel + bias."""
     h, dh = o.shape[1], o.shape[3]
     w = kernel.astype(dtype).reshape(h, dh, kernel.shape[1])
-    return jnp.einsum("bhle,hed->bld", o.astype(dtype), w) + bias.astype(dtype)
+    return product("bhle,hed->bld", o.astype(dtype), w) + bias.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -321,9 +355,9 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        h = Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
         h = gelu_exact(h)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+        return Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
 class Dropout(nn.Module):
