@@ -132,17 +132,18 @@ def test_load_init_params_takes_only_the_backbone(tmp_path):
         other = get_config("smoke")
         other.model.backbone[field] = value
         with pytest.raises(ValueError, match=re.escape(said)):
-            segment.SegmentTask(other, mesh()).load_init_params(str(folder), None)
+            segment.SegmentTask(other, mesh()).load_init_params(str(folder), shape)
     other = get_config("smoke")
     other.model.backbone.vit.heads = 4
     with pytest.raises(ValueError, match=r"vit.heads \(2, 2\) \(checkpoint\) vs \(4, 4\) \(config\)"):
-        segment.SegmentTask(other, mesh()).load_init_params(str(folder), None)
+        segment.SegmentTask(other, mesh()).load_init_params(str(folder), shape)
     cfg.model.backbone.dim = 32  # a backbone that does not match the checkpoint: one clear line, the
     # first three names (no Python list repr) and how many there are
     with pytest.raises(ValueError, match=r"^the checkpoint does not hold the backbone config\.model\.backbone "
                                          r"describes: wrong shapes 28 \(decode_common_skipconn/linear1/bias \(256,\) "
                                          r"\(expected \(128,\)\), [^\['\]]*, \.\.\.\)$"):
-        segment.SegmentTask(cfg, mesh()).load_init_params(str(folder), None)
+        narrow = segment.SegmentTask(cfg, mesh())
+        narrow.load_init_params(str(folder), jax.eval_shape(narrow.init_params, jax.random.key(0)))
 
 
 @pytest.mark.parametrize("arg,views", [("smoke", ("ir", "vi")), ("smoke,ir", ("ir", "ir")),

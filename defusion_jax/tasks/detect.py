@@ -81,30 +81,19 @@ class DetectTask(Task):
         return {"detection": cfg, "class_names": list(self.class_names), "image_size": list(self.image_size)}
 
     def load_init_params(self, path: str, params_shape):
-        """Backbone from a pretraining workdir / converted folder / official checkpoint; the pyramid
-        and heads as a from-scratch run of this config initialises them."""
-        from defusion_jax.api import load_model
-        from defusion_jax.tasks.segment import check_same_settings, transplant_backbone
+        """Backbone from a pretraining workdir / converted folder / official checkpoint
+        (`segment.load_backbone`); the pyramid and heads as a from-scratch run of this config
+        initialises them."""
+        from defusion_jax.tasks.segment import load_backbone
 
-        loaded = load_model(path)
-        check_same_settings(loaded.module, self._model_cfg["backbone"])
-        source = loaded.params
-        rng_init = trainer_keys(self.config)[0]  # the heads come out as in a from-scratch run
+        backbone, self.init_report = load_backbone(path, self._model_cfg["backbone"], params_shape["backbone"])
         # Only the heads are initialised here (what a from-scratch run gives them; see
         # DeFusionDetector.initialize_heads): no second compile of the whole model's init.
         dim = int(params_shape["backbone"]["enc_norm1"]["scale"].shape[0])
         fmap = jnp.zeros((1, 4, 4, dim), jnp.float32)
         params = jax.device_get(jax.jit(lambda r: self.model.init(
-            {"params": r}, fmap, method=DeFusionDetector.initialize_heads)["params"])(rng_init))
-        target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params_shape["backbone"])
-        try:
-            params["backbone"], report = transplant_backbone(source, target)
-        except ValueError as e:
-            raise ValueError(str(e)) from None  # the trainer prefixes config.init=PATH
-        self.init_report = {"source": str(path), **report}
-        logging.info("config.init=%s: loaded %d backbone parameters into %s; dropped %d pretraining parameters "
-                     "of %s", path, report["loaded"], ", ".join(report["loaded_modules"]), report["dropped"],
-                     ", ".join(report["dropped_modules"]))
+            {"params": r}, fmap, method=DeFusionDetector.initialize_heads)["params"])(trainer_keys(self.config)[0]))
+        params["backbone"] = backbone
         return check_same_structure(params, params_shape, path)
 
     # ---- data --------------------------------------------------------------------------------

@@ -114,6 +114,25 @@ def check_same_settings(source: DeFusionPP, backbone_cfg: Mapping) -> None:
                          "config.model.backbone as the checkpoint's model.json has it")
 
 
+def load_backbone(path: str, backbone_cfg: Mapping, backbone_shape: Mapping) -> tuple[dict, dict]:
+    """config.init for a model built on the DeFusion++ backbone (segmentation, detection): the
+    backbone parameters (`transplant_backbone` into `backbone_shape`, a tree of arrays or shapes) of
+    a pretraining workdir, converted folder or official checkpoint whose network has the settings
+    `backbone_cfg` describes (`check_same_settings`), and the transplant's report, also logged."""
+    from defusion_jax.api import load_model
+
+    loaded = load_model(path)
+    check_same_settings(loaded.module, backbone_cfg)
+    try:
+        backbone, report = transplant_backbone(loaded.params, backbone_shape)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None  # main: one line, exit 2 (the trainer prefixes config.init=PATH)
+    logging.info("config.init=%s: loaded %d backbone parameters (%s values) into %s; dropped %d pretraining "
+                 "parameters of %s", path, report["loaded"], f"{report['loaded_values']:,}",
+                 ", ".join(report["loaded_modules"]), report["dropped"], ", ".join(report["dropped_modules"]))
+    return backbone, {"source": str(path), **report}
+
+
 class SegmentTask(Task):
     console_keys = ("seg/ce", "seg/pixel_acc")
 
@@ -169,24 +188,10 @@ class SegmentTask(Task):
         return {"segmentation": cfg, "modality": self.modality, "class_names": list(self.class_names)}
 
     def load_init_params(self, path: str, params_shape):
-        """Backbone from a pretraining workdir / converted folder / official checkpoint; the pyramid
-        and head as a from-scratch run of this config initialises them."""
-        from defusion_jax.api import load_model
-
-        loaded = load_model(path)
-        check_same_settings(loaded.module, self._model_cfg["backbone"])
-        source = loaded.params
-        rng_init = trainer_keys(self.config)[0]  # the head comes out as in a from-scratch run
-        backbone_shape = jax.eval_shape(self.init_params, rng_init)["backbone"]
-        try:
-            backbone, report = transplant_backbone(source, backbone_shape)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None  # main: one line, exit 2 (the trainer prefixes config.init=PATH)
-        params = {**jax.device_get(self.init_head(rng_init)), "backbone": backbone}
-        self.init_report = {"source": str(path), **report}
-        logging.info("config.init=%s: loaded %d backbone parameters (%s values) into %s; dropped %d pretraining "
-                     "parameters of %s", path, report["loaded"], f"{report['loaded_values']:,}",
-                     ", ".join(report["loaded_modules"]), report["dropped"], ", ".join(report["dropped_modules"]))
+        """Backbone from a pretraining workdir / converted folder / official checkpoint
+        (`load_backbone`); the pyramid and head as a from-scratch run of this config initialises them."""
+        backbone, self.init_report = load_backbone(path, self._model_cfg["backbone"], params_shape["backbone"])
+        params = {**jax.device_get(self.init_head(trainer_keys(self.config)[0])), "backbone": backbone}
         return check_same_structure(params, params_shape, path)
 
     def _views(self, batch):
