@@ -49,6 +49,36 @@ def test_softmax_attention_value_and_gradient_match_plain_softmax(shape):
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_attention_at_bfloat16_precision_rounds_its_operands_on_every_path(backend, monkeypatch):
+    """Under precision "bfloat16" `attention` computes the attention of bfloat16-rounded q, k, v
+    (float32 out) on the CPU path (`softmax_attention`) and on the accelerator path
+    (`jax.nn.dot_product_attention`, taken here by reporting a GPU; cuDNN is absent, so XLA's):
+    nearer that than the float32 result is. XLA alone would give the float32 result on both."""
+    from defusion_jax.models import vit
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(2 * rng.standard_normal((2, 3, 9, 16)), jnp.float32) for _ in range(3))
+
+    def run(precision):  # a new function each time: jit's cache does not know the backend was swapped
+        with jax.default_matmul_precision(precision):
+            out = jax.jit(lambda *a: vit.attention(*a))(q, k, v)
+        assert out.dtype == jnp.float32
+        return np.asarray(out, np.float64)
+
+    def textbook(q, k, v):
+        q, k, v = (np.asarray(t.astype(jnp.bfloat16).astype(jnp.float32), np.float64) for t in (q, k, v))
+        logits = np.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        return (p / p.sum(-1, keepdims=True)) @ v
+
+    want = textbook(q, k, v)
+    low, high = run("bfloat16"), run("highest")
+    assert np.abs(low - want).max() < 0.75 * np.abs(high - want).max(), (np.abs(low - want).max(),
+                                                                          np.abs(high - want).max())
+
+
 def test_sincos_table_non_square_grid_by_hand():
     d, gh, gw = 16, 3, 5
     t = sincos_table(d, gh, gw)

@@ -178,10 +178,11 @@ def resample_table(table: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int,
 def bf16_products() -> bool:
     """Whether the model's products take bfloat16 operands (float32 sums) in this trace: under
     `jax.default_matmul_precision("bfloat16")`. The model casts the operands itself (`product`,
-    `dot_general`) because XLA does not: XLA:CPU ignores matmul precision and XLA:GPU runs its
-    default (TF32) for it, so the same setting gives the same rounding on every backend (on TPU it
-    is what XLA does anyway). It pays on CPUs with bfloat16 matmul instructions (docs/benchmarks.md:
-    the fusion forward ~1.2-1.35x faster on a Zen 4) and costs on CPUs without them."""
+    `dot_general`, and `attention` on accelerators) because XLA does not: XLA:CPU ignores matmul
+    precision and XLA:GPU runs its default (TF32) for it. So the setting rounds alike on every
+    backend (on TPU it is what XLA does anyway). It pays on CPUs with bfloat16 matmul instructions
+    (docs/benchmarks.md: the fusion forward ~1.2-1.35x faster on a Zen 4), costs on CPUs without
+    them, and on GPUs lets cuDNN flash attention run where the head size allows."""
     return jax.config.jax_default_matmul_precision == "bfloat16"
 
 
@@ -279,13 +280,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module | Non
     """
     if dropout is None or deterministic:
         if jax.default_backend() != "cpu":
+            dtype = q.dtype
+            if dtype == jnp.float32 and bf16_products():  # `product`'s rule (the API sums in float32)
+                q, k, v = (t.astype(jnp.bfloat16) for t in (q, k, v))
             qb, kb, vb = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, L, H, Dh), what the API takes
             if _cudnn_attention_ok(q):
                 try:
-                    return jnp.swapaxes(jax.nn.dot_product_attention(qb, kb, vb, implementation="cudnn"), 1, 2)
+                    out = jax.nn.dot_product_attention(qb, kb, vb, implementation="cudnn")
+                    return jnp.swapaxes(out, 1, 2).astype(dtype)
                 except (NotImplementedError, ValueError, RuntimeError):  # cuDNN too old, shapes: fall back
                     pass
-            return jnp.swapaxes(jax.nn.dot_product_attention(qb, kb, vb), 1, 2)
+            return jnp.swapaxes(jax.nn.dot_product_attention(qb, kb, vb), 1, 2).astype(dtype)
         return softmax_attention(q, k, v)
     logits = product("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
     probs = dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
