@@ -121,6 +121,9 @@ run_step train_step_bf16 180 "$PYTHON" benchmarks/train_step.py "${TRAIN[@]}"
 run_step fuse_latency_bf16 90 "$PYTHON" benchmarks/fuse_latency.py "${FUSE[@]}"
 run_step vs_timm_bf16 90 "$PYTHON" benchmarks/vs_timm.py "${TIMM[@]}"
 run_step fuse_latency_f32 60 "$PYTHON" benchmarks/fuse_latency.py "${FUSE[@]/--dtype=bfloat16/--dtype=float32}" --skip-image
+# float32 network, bfloat16 products (`fuse --precision bfloat16`): last, as it is not a target
+run_step fuse_latency_bf16_products 60 "$PYTHON" benchmarks/fuse_latency.py \
+    "${FUSE[@]/--dtype=bfloat16/--dtype=float32}" --precision=bfloat16 --skip-image
 
 note "summary ($SUMMARY):"
 cat "$SUMMARY" >&2
