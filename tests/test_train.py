@@ -232,7 +232,7 @@ def test_init_crosses_between_cud_only_and_multimodal_networks(smoke, tmp_path):
     from defusion_jax import sharding as sh
     from defusion_jax.models.defusion import MULTIMODAL_ONLY
     from defusion_jax.params_io import save_params
-    from defusion_jax.tasks import check_same_structure, get_task
+    from defusion_jax.tasks import check_same_structure, get_task, trainer_keys
 
     params, model_cfg, _ = checkpoints.load_params_from_workdir(smoke[0])
     cud = save_params(tmp_path / "cud", {k: v for k, v in params.items() if k not in MULTIMODAL_ONLY},
@@ -247,6 +247,10 @@ def test_init_crosses_between_cud_only_and_multimodal_networks(smoke, tmp_path):
             if k not in MULTIMODAL_ONLY:
                 jax.tree.map(np.testing.assert_array_equal, got[k], params[k])
         assert (set(MULTIMODAL_ONLY) <= set(got)) == (mm_ratio > 0)
+        if mm_ratio > 0:  # the fresh heads are those of a from-scratch run of this config
+            scratch = jax.jit(task.init_params)(trainer_keys(task.config)[0])
+            for k in MULTIMODAL_ONLY:
+                jax.tree.map(np.testing.assert_array_equal, got[k], scratch[k])
     with pytest.raises(ValueError, match=r"^x: parameters do not match the model being trained: missing keys 1 "
                                          r"\(b/w\); unexpected keys 1 \(a/w\)$"):
         check_same_structure({"a": {"w": np.zeros(1)}}, {"b": {"w": np.zeros(1)}}, "x")

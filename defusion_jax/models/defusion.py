@@ -287,6 +287,13 @@ class DeFusionPP(nn.Module):
         pred2 = self.latent_predict2(self.mm_unique_norm2(u2[0] + u2[1]) + com_w2)
         return {"pred1": pred1, "pred2": pred2, "com_w1": com_w1, "com_w2": com_w2}
 
+    def initialize_mm_heads(self, tokens):
+        """Create only the Eq. 6 heads (`MULTIMODAL_ONLY`) from stand-in (B, N, dim) tokens: with
+        `init`, the values a whole-model init with the same rng gives them (Flax derives each module's
+        rng from its name path), without compiling the network."""
+        self.mm_common_norm(tokens)
+        return self.latent_predict1(self.mm_unique_norm1(tokens)), self.latent_predict2(self.mm_unique_norm2(tokens))
+
     def initialize(self, x1, x2):
         """Touch every sub-module once so `init` creates the complete parameter tree."""
         n = (x1.shape[1] // self.patch) * (x1.shape[2] // self.patch)

@@ -84,8 +84,10 @@ class PretrainTask(Task):
         source = dict(load_model(path).params)
         added = [k for k in MULTIMODAL_ONLY if k in params_shape and k not in source]
         dropped = [k for k in MULTIMODAL_ONLY if k in source and k not in params_shape]
-        if added:
-            fresh = jax.device_get(jax.jit(self.init_params)(trainer_keys(self.config)[0]))
+        if added:  # only the heads are initialised (DeFusionPP.initialize_mm_heads): no whole-model compile
+            tokens = jnp.zeros((1, 1, self.model.dim), jnp.float32)
+            fresh = jax.device_get(jax.jit(lambda r: self.model.init(
+                {"params": r}, tokens, method=DeFusionPP.initialize_mm_heads)["params"])(trainer_keys(self.config)[0]))
             source.update({k: fresh[k] for k in added})
         for k in dropped:
             del source[k]
