@@ -446,7 +446,9 @@ def _train(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     with _startup("model (config.model)", also=(TypeError,)):
         state_shape = _memo(programs, "state_shape", lambda: jax.eval_shape(init_state, rng_init, rng_loop))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape["params"]))
-    logging.info("model: %s trainable parameters", f"{n_params:,}")
+    # the matmul precision is not in the config (JAX_DEFAULT_MATMUL_PRECISION, e.g. bfloat16 products)
+    logging.info("model: %s trainable parameters; compute %s, matmul precision %s", f"{n_params:,}",
+                 _cfg_get(config, "compute_dtype", "float32"), jax.config.jax_default_matmul_precision or "default")
     stop.check()
 
     # ================================ Shardings ==================================================
