@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from defusion_jax.imageio import atomic_path, atomic_write_bytes
+from defusion_jax.inference import MATMUL_PRECISIONS
 
 ROLES = {"ivf": ("ir", "vi"), "mef": ("under", "over"), "mff": ("A", "B")}
 GT_DIRS = ("GT", "gt")
@@ -239,12 +240,13 @@ def model_fingerprint(model_path: str, meta: dict | None) -> dict:
     return fp
 
 
-def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, name: str
-                    ) -> tuple[Path, dict[Item, str]]:
+def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, name: str,
+                    precision: str | None = None) -> tuple[Path, dict[Item, str]]:
     """Fuse every pair with the DeFusion++ network; the PNGs are then scored like any fused folder.
 
     A rerun into the same OUT reuses a pair's PNG when OUT/fused/<name>/fused_by.json says it was
-    made by the same model, for the same task, from the same source files (size and mtime); otherwise
+    made by the same model, for the same task and precision (`fuse --precision`; an export folder's
+    own when None), from the same source files (size and mtime); otherwise
     the pair is fused again (~30 s a pair on CPU). Returns the folder and the pairs that could not be
     fused (unreadable or mismatched sources), each with its warning; those pairs are skipped.
     """
@@ -254,9 +256,15 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
         raise UsageError(f"--model needs the DeFusion++ network code (defusion_jax.fuse), which failed to import: {exc}")
     from tqdm import tqdm
 
+    try:
+        fuse.check_export_options(model_path, precision=precision)
+    except fuse.InputError as exc:
+        raise UsageError(str(exc))
+    precision = None if precision == "highest" else precision  # (None: highest, or an export's own)
+
     def load():  # any form `fuse --model` takes: checkpoint, workdir, converted or export folder
         try:
-            return fuse.load_runner(model_path)
+            return fuse.load_runner(model_path, precision=precision or "highest")
         except fuse.InputError as exc:
             raise UsageError(f"--model: {exc}")
 
@@ -269,8 +277,9 @@ def fuse_with_model(model_path: str, items: list[Item], task: str, out: Path, na
         marker = json.loads((root / MARKER).read_text())
     except (OSError, ValueError):
         marker = None
-    if not isinstance(marker, dict) or marker.get("model") != fp or marker.get("task") != task:
-        marker = {"model": fp, "task": task, "pairs": {}}  # PNGs already there are another model's: not reused
+    same = {"model": fp, "task": task, "precision": precision}
+    if not isinstance(marker, dict) or any(marker.get(k) != v for k, v in same.items()):
+        marker = {**same, "pairs": {}}  # PNGs already there are another model's or precision's: not reused
         root.mkdir(parents=True, exist_ok=True)
         _write_json(root / MARKER, marker)
 
@@ -346,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", dest="methods", action="append", metavar="NAME", type=lambda s: ("baseline", s),
                    help=f"classical baseline fused on the fly (repeatable): {', '.join(BASELINES)}")
     p.add_argument("--model", help="DeFusion++ model to fuse with on the fly (method name DeFusion++): a checkpoint, workdir, converted folder or export folder")
+    p.add_argument("--precision", choices=MATMUL_PRECISIONS,
+                   help="matmul precision of the --model fusion, as `fuse --precision` (default highest; an export "
+                        "folder has its own)")
     p.add_argument("--gt", type=Path, help="ground-truth folder (by stem; default: a GT/ folder in the dataset)")
     p.add_argument("--metrics", default="paper",
                    help="comma list of metrics NAME[:variant] and sets: paper (per task), vifb, ivf, tang2022, all")
@@ -409,6 +421,8 @@ def run(args) -> int:
             raise UsageError(f"unknown baseline {spec!r}; choose from {', '.join(BASELINES)} (or give --fused NAME=DIR)")
     if args.model and not Path(args.model).exists():
         raise UsageError(f"--model {args.model}: no such file or folder")
+    if args.precision and not args.model:
+        raise UsageError("--precision is the precision of --model fusion; there is no --model")
     names = [m.name for m in methods] + (["DeFusion++"] if args.model else [])
     if not names:
         raise UsageError("nothing to evaluate: give --fused NAME=DIR, --baseline NAME or --model PATH")
@@ -419,7 +433,7 @@ def run(args) -> int:
     warnings: list[str] = []
     skipped_pairs: list[str] = []
     if args.model:
-        root, bad = fuse_with_model(args.model, items, args.task, args.out, "DeFusion++")
+        root, bad = fuse_with_model(args.model, items, args.task, args.out, "DeFusion++", args.precision)
         methods.append(Method("DeFusion++", "dir", str(root)))
         warnings += bad.values()
         skipped_pairs += [f"{it.dataset}/{it.stem}" for it in bad]

@@ -330,23 +330,25 @@ def _plan_paths(args) -> tuple[list[Pair], list[tuple[str, str]], Path, bool]:
 NO_PARTS = "--save-decomposition needs a checkpoint; an exported function gives the fused image only"
 
 
-def _check_export_options(args) -> None:
+def check_export_options(model: str, *, direction: str | None = None, precision: str | None = None,
+                         parts: bool = False) -> None:
     """An export folder has its direction and precision baked in, and no decomposition: options
-    that ask for something else are errors, not silently ignored."""
-    model = Path(args.model)
-    if paths.is_url(args.model) or not model.is_dir() or not exported.is_export_dir(model):
+    that ask for something else are errors (InputError), not silently ignored. `fuse` and
+    `evaluate --model` check them before loading anything."""
+    path = Path(model)
+    if paths.is_url(model) or not path.is_dir() or not exported.is_export_dir(path):
         return
-    if args.save_decomposition:
+    if parts:
         raise InputError(NO_PARTS)
     try:
-        manifest = json.loads((model / exported.MANIFEST).read_text())
+        manifest = json.loads((path / exported.MANIFEST).read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load model {model}: unreadable manifest ({e})") from None
-    for opt, key, given in (("--direction", "direction", args.direction),
-                            ("--precision", "matmul_precision", args.precision)):
+        raise InputError(f"cannot load model {path}: unreadable manifest ({e})") from None
+    for opt, key, given in (("--direction", "direction", direction),
+                            ("--precision", "matmul_precision", precision)):
         baked = manifest.get(key)
         if given is not None and baked is not None and given != baked:
-            raise InputError(f"{opt} {given}: the export {model} was made with {key} {baked}, which is fixed "
+            raise InputError(f"{opt} {given}: the export {path} was made with {key} {baked}, which is fixed "
                              f"in it; drop {opt} or re-export with it")
 
 
@@ -375,7 +377,8 @@ def run(args, runner=None) -> int:
     except InputError as e:
         return _fail(str(e))
     try:  # everything that can fail without the model fails before it loads
-        _check_export_options(args)
+        check_export_options(args.model, direction=args.direction, precision=args.precision,
+                             parts=args.save_decomposition)
         _probe_output_folder(out_dir)
     except InputError as e:
         return _fail(str(e))

@@ -138,7 +138,7 @@ def test_model_fusion_path_with_a_stub(mff_data, monkeypatch):
     root, ds = mff_data
     seen = []
 
-    def check(a, b):  # the stored uint8 sources reach the network as the official padded [0, 1] canvas
+    def check(a, b, precision):  # the stored uint8 sources reach the network as the official padded [0, 1] canvas
         seen.append(a.shape)
         assert a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
 
@@ -399,7 +399,7 @@ def _stub_model(monkeypatch, meta=None, fail_at=None, check=None):
         def fuse(self, a, b, direction, precision=None):
             calls.append(a.shape)
             if check is not None:
-                check(a, b)
+                check(a, b, precision)
             if fail_at is not None and len(calls) == fail_at:
                 raise KeyboardInterrupt
             return np.maximum(a, b)
@@ -408,9 +408,9 @@ def _stub_model(monkeypatch, meta=None, fail_at=None, check=None):
     return calls
 
 
-def _model_run(ds, out, model):
+def _model_run(ds, out, model, *extra):
     return evaluate.main(["--task", "mff", "--pairs", str(ds), "--model", str(model), "--metrics", "PSNR_gt",
-                          "--out", str(out), "--workers", "1", "--no-compare"])
+                          "--out", str(out), "--workers", "1", "--no-compare", *extra])
 
 
 def test_model_reruns_reuse_pngs_of_the_same_model_only(mff_data, monkeypatch, capsys):
@@ -419,7 +419,8 @@ def test_model_reruns_reuse_pngs_of_the_same_model_only(mff_data, monkeypatch, c
     root, ds = mff_data
     ckpt, out = root / "model.pth", root / "m"
     ckpt.write_bytes(b"v1")
-    calls = _stub_model(monkeypatch)
+    precisions = []
+    calls = _stub_model(monkeypatch, check=lambda a, b, precision: precisions.append(precision))
     assert _model_run(ds, out, ckpt) == 0 and len(calls) == 2
     first = _read(out / "per_image.csv")
     capsys.readouterr()
@@ -434,6 +435,13 @@ def test_model_reruns_reuse_pngs_of_the_same_model_only(mff_data, monkeypatch, c
     ckpt.write_bytes(b"v2, another model")
     assert _model_run(ds, out, ckpt) == 0 and len(calls) == 6  # all again
     assert "reused" not in capsys.readouterr().err.split("fusing with")[-1]
+    assert _model_run(ds, out, ckpt, "--precision", "highest") == 0 and len(calls) == 6  # the default, named
+    assert _model_run(ds, out, ckpt, "--precision", "bfloat16") == 0 and len(calls) == 8  # another precision
+    assert precisions[-2:] == ["bfloat16"] * 2 and set(precisions[:-2]) == {"highest"}
+    assert _model_run(ds, out, ckpt) == 0 and len(calls) == 10  # and back
+    assert evaluate.main(["--task", "mff", "--pairs", str(ds), "--baseline", "average", "--precision", "bfloat16",
+                          "--out", str(root / "b")]) == 2
+    assert "there is no --model" in capsys.readouterr().err
 
 
 def test_model_workdir_reuse_follows_the_checkpoint_step(mff_data, monkeypatch):

@@ -122,6 +122,10 @@ def test_evaluate_scores_an_export_as_fuse_writes_it(export_dir, shared_dir, tmp
                       str(ds / "B" / "s.png"), "--out", str(tmp_path / "f.png")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ev/fused/DeFusion++/Crop/s.png")),
                                   np.asarray(Image.open(tmp_path / "f.png")))
+    # a precision the export was not made with is refused, as by fuse, before anything is fused
+    assert evaluate.main(["--task", "mff", "--pairs", str(ds), "--model", str(export_dir), "--metrics", "EN",
+                          "--precision", "bfloat16", "--out", str(tmp_path / "ev2")]) == 2
+    assert not (tmp_path / "ev2" / "fused").exists()
 
 
 def test_bad_exports_and_models(export_dir, tmp_path, capsys):
@@ -231,8 +235,7 @@ def test_fuse_options_an_export_cannot_honour_fail_before_loading(export_dir, tm
         rc = fuse.main(base + extra)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and msg in err and "\n" not in err, err
-    args = fuse.build_parser().parse_args(base + ["--direction", "q_view2", "--precision", "highest"])
-    fuse._check_export_options(args)  # the baked values themselves are fine
+    fuse.check_export_options(str(export_dir), direction="q_view2", precision="highest")  # the baked values are fine
     assert not (tmp_path / "o.png").exists()
 
 
