@@ -35,7 +35,7 @@ BORDER = 16  # the official test script reflect-pads 16 px on every side
 TASKS = ("ivf", "mef", "mff")
 PARTS = ("common", "unique1", "unique2")
 DEFAULT_OVERLAP = 64
-# `precision=` values of FusionModel, `fuse --precision` and `export --precision`: highest (float32
+# `precision=` values of FusionModel, `fuse`, `evaluate` and `export --precision`: highest (float32
 # products, the default, like the PyTorch reference), high/default (XLA's faster passes on GPUs and
 # TPUs; no effect on CPU), bfloat16 (bfloat16 operands and float32 sums on every backend,
 # `models.vit.bf16_products`)

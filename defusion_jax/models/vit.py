@@ -186,11 +186,11 @@ def bf16_products() -> bool:
     return jax.config.jax_default_matmul_precision == "bfloat16"
 
 
-def _operands(x: jax.Array, y: jax.Array):
-    """(x, y, preferred result type): float32 operands cast to bfloat16 where `bf16_products()`."""
-    if x.dtype == jnp.float32 and y.dtype == jnp.float32 and bf16_products():
-        return x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), jnp.float32
-    return x, y, None
+def _operands(*xs: jax.Array):
+    """(*xs, preferred result type): float32 operands cast to bfloat16 where `bf16_products()`."""
+    if all(x.dtype == jnp.float32 for x in xs) and bf16_products():
+        return *(x.astype(jnp.bfloat16) for x in xs), jnp.float32
+    return *xs, None
 
 
 def product(subscripts: str, x: jax.Array, y: jax.Array, preferred_element_type: Any = None) -> jax.Array:
@@ -281,8 +281,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module | Non
     if dropout is None or deterministic:
         if jax.default_backend() != "cpu":
             dtype = q.dtype
-            if dtype == jnp.float32 and bf16_products():  # `product`'s rule (the API sums in float32)
-                q, k, v = (t.astype(jnp.bfloat16) for t in (q, k, v))
+            q, k, v, _ = _operands(q, k, v)  # `product`'s rule (the API sums in float32)
             qb, kb, vb = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, L, H, Dh), what the API takes
             if _cudnn_attention_ok(q):
                 try:

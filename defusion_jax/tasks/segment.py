@@ -36,7 +36,7 @@ from defusion_jax import sharding as sh
 from defusion_jax.data import msrs_seg, pipeline
 from defusion_jax.models.defusion import DeFusionPP
 from defusion_jax.models.seg_head import DeFusionSeg, build_seg_model
-from defusion_jax.params_io import CheckpointError, flat_shapes, flatten, shape_mismatch, unflatten
+from defusion_jax.params_io import CheckpointError, flatten, shape_mismatch, unflatten
 from defusion_jax.tasks import (
     Task, as_dict, backbone_model_config, check_same_structure, restore_for_eval, trainer_keys, workdir_eval_main,
 )
@@ -83,7 +83,8 @@ def transplant_backbone(source: Mapping, target: Mapping) -> tuple[dict, dict]:
     `source`, or with another shape, is an error naming the first few."""
     src = flatten(source)
     dst = {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(target)).items()}  # arrays or shapes
-    problem = shape_mismatch(flat_shapes(source), flat_shapes(target), extra_ok=True)
+    problem = shape_mismatch({k: v.shape for k, v in src.items()}, {k: tuple(v.shape) for k, v in dst.items()},
+                             extra_ok=True)
     if problem:
         raise ValueError(f"the checkpoint does not hold the backbone config.model.backbone describes: {problem}")
     out = unflatten({k: np.asarray(src[k], dtype=v.dtype) for k, v in dst.items()})
